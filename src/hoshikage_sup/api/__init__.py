@@ -1,0 +1,1 @@
+"""HTTP layers: thin translations of client APIs onto the gateway."""

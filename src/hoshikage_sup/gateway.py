@@ -1,0 +1,202 @@
+"""The one internal request path.
+
+Every API layer (OpenAI, Ollama, admin) turns its request into an
+`InferenceRequest` and opens it here: model lookup, a lease from the
+scheduler (queueing and loading included), the HTTP call to the runner, the
+retry of requests that never reached a runner that died, and the release of
+the lease however the request ends.  The layers only translate shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping
+
+import aiohttp
+
+from .config import Config, ModelConfig
+from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, UpstreamTimeout
+from .logs import get_logger
+from .scheduler import Lease, RunnerOptions, Scheduler
+
+log = get_logger("hoshikage.gateway")
+
+UPSTREAM_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+
+# A request that failed before the runner answered anything (the runner died
+# between being chosen and being reached) is tried again on a fresh lease.
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class InferenceRequest:
+    model: str  # as the client sent it: a name or an alias
+    kind: str  # "chat" | "completion" | "embedding"
+    body: dict[str, Any]  # OpenAI-shaped body for the runner
+    keep_alive: float | None = None  # seconds; None leaves the session unchanged
+    runner_options: Mapping[str, Any] | None = None  # e.g. {"n_ctx": 4096}
+
+
+@dataclass
+class Upstream:
+    """An open response from a runner.  Valid inside `Gateway.open()` only."""
+
+    response: aiohttp.ClientResponse
+    lease: Lease
+    model: ModelConfig
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def content_type(self) -> str:
+        return self.response.content_type
+
+    @property
+    def streaming(self) -> bool:
+        return self.response.content_type == "text/event-stream"
+
+    async def read(self) -> bytes:
+        try:
+            return await self.response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise self._failure(e) from e
+
+    async def json(self) -> Any:
+        raw = await self.read()
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise RunnerFailed(f"runner for '{self.model.name}' answered with invalid JSON: {raw[:200]!r}") from e
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        """Bytes exactly as the runner sends them, as soon as they arrive."""
+        try:
+            async for chunk in self.response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise self._failure(e) from e
+
+    async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
+        """Parsed server-sent events (`data: {...}`), ending at `[DONE]`."""
+        buf = b""
+        async for chunk in self.iter_raw():
+            # sse-starlette ends lines with CRLF; normalise over the whole buffer
+            # so a CR and LF split across two chunks still pair up.
+            buf = (buf + chunk).replace(b"\r\n", b"\n")
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                data = b"\n".join(
+                    line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
+                )
+                if not data:
+                    continue
+                if data.strip() == b"[DONE]":
+                    return
+                try:
+                    yield json.loads(data)
+                except ValueError as e:
+                    raise RunnerFailed(f"runner sent an invalid event: {data[:200]!r}") from e
+
+    def _failure(self, e: BaseException) -> HoshikageError:
+        if isinstance(e, asyncio.TimeoutError):
+            return UpstreamTimeout(f"request to model '{self.model.name}' exceeded request_timeout")
+        return RunnerFailed(_runner_failure_message(self.lease, e))
+
+
+def _runner_failure_message(lease: Lease, e: BaseException) -> str:
+    proc = lease.replica.process
+    msg = f"runner for model '{lease.model.name}' failed while serving the request ({type(e).__name__}: {e})"
+    if proc.returncode is not None:
+        msg = f"runner for model '{lease.model.name}' exited with code {proc.returncode} while serving the request"
+        summary = proc.error_summary()
+        if summary:
+            msg += f": {summary}"
+    return msg
+
+
+class Gateway:
+    def __init__(self, config: Config, scheduler: Scheduler, session: aiohttp.ClientSession):
+        self.config = config
+        self.scheduler = scheduler
+        self.session = session
+
+    def resolve(self, name: Any) -> ModelConfig:
+        if not isinstance(name, str) or not name:
+            raise BadRequest("missing required field 'model'", param="model")
+        model = self.config.resolve(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return model
+
+    def options_for(self, model: ModelConfig, overrides: Mapping[str, Any] | None) -> RunnerOptions:
+        return RunnerOptions.for_model(model, overrides)
+
+    @contextlib.asynccontextmanager
+    async def open(self, req: InferenceRequest) -> AsyncIterator[Upstream]:
+        model = self.resolve(req.model)
+        if req.kind == "embedding" and not model.embedding:
+            raise BadRequest(
+                f"model '{model.name}' does not serve embeddings (set embedding = true in its [models.{model.name}] table)",
+                param="model",
+            )
+        options = self.options_for(model, req.runner_options)
+        body = dict(req.body)
+        body["model"] = model.name
+        timeout = aiohttp.ClientTimeout(
+            total=self.config.server.request_timeout or None, sock_connect=10
+        )
+        path = UPSTREAM_PATHS[req.kind]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            lease = await self.scheduler.acquire(model, options, req.keep_alive)
+            try:
+                response = await self.session.post(lease.base_url + path, json=body, timeout=timeout)
+            except asyncio.CancelledError:
+                self.scheduler.release(lease)
+                raise
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                self.scheduler.release(lease)
+                if isinstance(e, asyncio.TimeoutError) and lease.alive:
+                    raise UpstreamTimeout(f"request to model '{model.name}' exceeded request_timeout") from e
+                if attempt < MAX_ATTEMPTS:
+                    log.warning("runner unreachable, retrying on a fresh runner", model=model.name, attempt=attempt, error=str(e))
+                    await self._settle(lease)
+                    continue
+                raise RunnerFailed(_runner_failure_message(lease, e)) from e
+            try:
+                yield Upstream(response=response, lease=lease, model=model)
+            finally:
+                response.close()
+                self.scheduler.release(lease)
+            return
+
+    async def _settle(self, lease: Lease) -> None:
+        """Give a runner that refused a connection a moment to be seen as exited."""
+        proc = lease.replica.process
+        if proc.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(proc.wait(), 1.0)
+
+    async def load(self, name: str, keep_alive: float | None = None, runner_options: Mapping[str, Any] | None = None) -> Lease:
+        """Load a model without sending it a request (Ollama's empty prompt)."""
+        model = self.resolve(name)
+        lease = await self.scheduler.acquire(
+            model, self.options_for(model, runner_options), keep_alive, load_only=True
+        )
+        self.scheduler.release(lease)
+        return lease
+
+    def unload(self, name: str) -> ModelConfig:
+        model = self.resolve(name)
+        self.scheduler.unload(model.name)
+        return model

@@ -1,0 +1,849 @@
+"""The scheduler: the one owner of all runner state.
+
+Everything that decides which runner serves which request, when a runner is
+loaded, evicted, reloaded or restarted lives here, in one object driven by one
+event loop (Ollama's `server/sched.go` idea, in asyncio form).  State changes
+only happen in synchronous methods of this class; after each change
+`_schedule()` runs one pass over the pending requests and makes every decision
+that the new state allows.  Long work (spawning a process, stopping one,
+waiting for memory to come back) runs in tasks that report back by changing
+state and calling `_schedule()` again.  docs/design.md describes the states
+and decisions.
+
+Vocabulary:
+- a *slot* is one loaded model (by configured name) with its runner options;
+  it holds one or more *replicas* (runner processes, `parallel` at most).
+- a *lease* is one request's hold on one replica; while any lease is out the
+  replica is never stopped (the refcount).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from .config import CACHE_TYPE_IDS, Config, ModelConfig
+from .devices import ProcessMemory
+from .durations import FOREVER, format_duration
+from .errors import HoshikageError, InsufficientMemory, ModelLoadError, QueueFull, ShuttingDown
+from .logs import get_logger
+from .process import RunnerLoadError, RunnerProcess, RunnerSpec
+
+log = get_logger("hoshikage.scheduler")
+
+# Crash restarts: at most this many within the window, then the slot is left to
+# the next request (which reloads it) so a model that cannot run does not loop.
+RESTART_LIMIT = 3
+RESTART_WINDOW = 60.0
+
+
+# ------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """The options that shape a runner process.  Two requests whose options
+    differ cannot share a runner; sampling options are not in here and never
+    force a reload."""
+
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    n_gpu_layers: int | str
+    flash_attn: bool | str
+    cache_type_k: str
+    cache_type_v: str
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, overrides: Mapping[str, Any] | None = None) -> "RunnerOptions":
+        o = cls(
+            n_ctx=model.n_ctx,
+            n_batch=model.n_batch,
+            n_threads=model.n_threads,
+            n_gpu_layers=model.n_gpu_layers,
+            flash_attn=model.flash_attn,
+            cache_type_k=model.cache_type_k,
+            cache_type_v=model.cache_type_v,
+        )
+        if overrides:
+            o = replace(o, **{k: v for k, v in overrides.items() if v is not None})
+        return o
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch,
+            "n_threads": self.n_threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "flash_attn": self.flash_attn,
+            "cache_type_k": self.cache_type_k,
+            "cache_type_v": self.cache_type_v,
+        }
+
+
+# ------------------------------------------------------------------ memory planning interface
+
+
+@dataclass
+class LoadPlan:
+    """How a runner will be started: its layer placement and its footprint."""
+
+    n_gpu_layers: int
+    tensor_split: tuple[float, ...] | None
+    flash_attn: bool
+    cache_type_k: str
+    cache_type_v: str
+    n_ctx: int
+    cpu_bytes: int
+    gpu_bytes: dict[int, int]
+    weights_key: str  # replicas with the same key share mmap'd weights on CPU
+    weights_cpu: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.cpu_bytes + sum(self.gpu_bytes.values())
+
+
+@dataclass
+class Fit:
+    ok: bool
+    needed: int = 0
+    available: int = 0
+    reason: str = ""
+
+
+class Planner(Protocol):
+    """Memory awareness, kept out of the scheduler's state machine."""
+
+    def plan(self, model: ModelConfig, options: RunnerOptions, released: list["Replica"]) -> LoadPlan:
+        """Placement for a new runner, as if the `released` replicas were gone."""
+        ...
+
+    def fits(self, plan: LoadPlan, keep: list["Replica"], released: list["Replica"]) -> Fit:
+        """Would `plan` fit beside the `keep` replicas once `released` are stopped?"""
+        ...
+
+    def fits_alone(self, plan: LoadPlan) -> Fit: ...
+
+    def gpu_free(self) -> dict[int, int]: ...
+
+    async def wait_for_recovery(self, replica: "Replica", baseline: dict[int, int]) -> bool: ...
+
+    def measure(self, replica: "Replica") -> None: ...
+
+
+# ------------------------------------------------------------------ runtime state
+
+_replica_ids = itertools.count(1)
+
+
+class Replica:
+    """One runner process of a slot.  States: loading → ready → stopping → gone."""
+
+    def __init__(self, slot: "Slot", plan: LoadPlan, process: RunnerProcess, index: int):
+        self.id = next(_replica_ids)
+        self.index = index
+        self.slot = slot
+        self.plan = plan
+        self.process = process
+        self.state = "loading"
+        self.inflight = 0
+        self.served = 0
+        self.loaded_at: float | None = None
+        self.measured: ProcessMemory | None = None  # what the process really uses, once up
+        self.measured_at = 0.0
+        self.task: asyncio.Task | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
+
+    @property
+    def available(self) -> bool:
+        return self.state == "ready" and self.inflight == 0 and not self.slot.draining
+
+    def footprint_cpu(self) -> int:
+        return self.measured.rss if self.measured is not None else self.plan.cpu_bytes
+
+    def footprint_gpu(self) -> dict[int, int]:
+        if self.measured is not None and self.measured.gpu:
+            return {i: b for i, b in self.measured.gpu.items() if b > 0}
+        return self.plan.gpu_bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "replica": self.index,
+            "state": self.state,
+            "pid": self.process.pid,
+            "port": self.process.port,
+            "inflight": self.inflight,
+            "served": self.served,
+            "estimate_cpu_bytes": self.plan.cpu_bytes,
+            "estimate_gpu_bytes": dict(self.plan.gpu_bytes),
+            "measured_cpu_bytes": self.measured.rss if self.measured else None,
+            "measured_gpu_bytes": dict(self.measured.gpu) if self.measured and self.measured.gpu else None,
+            "n_gpu_layers": self.plan.n_gpu_layers,
+            "load_duration": self.process.load_duration,
+        }
+
+
+class Slot:
+    """One loaded model.  `draining` means: take no new requests, stop once idle
+    (reason "evict", "reload", "unload" or "expire")."""
+
+    def __init__(self, model: ModelConfig, options: RunnerOptions, session: float):
+        self.model = model
+        self.options = options
+        self.session = session
+        self.replicas: list[Replica] = []
+        self.draining: str | None = None
+        self.expires_at: float | None = None  # wall-clock time, for the APIs
+        self.timer: Any = None
+        self.restarts: list[float] = []
+        self.created = time.time()
+        self.last_used = time.monotonic()
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def refcount(self) -> int:
+        return sum(r.inflight for r in self.replicas)
+
+    @property
+    def loading(self) -> bool:
+        return any(r.state == "loading" for r in self.replicas)
+
+    @property
+    def ready(self) -> bool:
+        return any(r.state == "ready" for r in self.replicas)
+
+    def live_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state in ("loading", "ready")]
+
+    def state(self) -> str:
+        if self.draining:
+            return "draining" if self.refcount else "stopping"
+        if self.ready:
+            return "busy" if self.refcount else "idle"
+        if self.loading:
+            return "loading"
+        return "stopping"
+
+
+@dataclass
+class Lease:
+    """A request's hold on one replica.  Release it exactly once."""
+
+    replica: Replica
+    queued: float  # seconds spent waiting in the queue (load included)
+    load_duration: float  # seconds of that spent loading a runner for this request
+    released: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return self.replica.base_url
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.replica.slot.model
+
+    @property
+    def alive(self) -> bool:
+        return self.replica.state == "ready"
+
+
+@dataclass
+class Pending:
+    model: ModelConfig
+    options: RunnerOptions
+    keep_alive: float | None
+    future: asyncio.Future
+    enqueued: float
+    load_started: float | None = None
+    load_only: bool = False
+
+
+SpawnFn = Callable[[RunnerSpec, int], RunnerProcess]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: Config,
+        planner: Planner,
+        *,
+        spawn: SpawnFn | None = None,
+        timer: Callable[[float, Callable[[], None]], Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.planner = planner
+        self._spawn = spawn or self._default_spawn
+        self._timer = timer
+        self._clock = clock
+        self.slots: dict[str, Slot] = {}
+        self.pending: list[Pending] = []
+        self._stopping: set[asyncio.Task] = set()
+        self._recovering = 0
+        self._closed = False
+        self._in_schedule = False
+        self._again = False
+        self._changed = asyncio.Event()
+        self.counters: dict[str, int] = {
+            "loads": 0, "load_failures": 0, "evictions": 0, "expirations": 0,
+            "reloads": 0, "crashes": 0, "restarts": 0, "requests": 0, "rejected_queue_full": 0,
+        }
+
+    # ------------------------------------------------------------ limits
+
+    @property
+    def max_loaded(self) -> int:
+        configured = self.config.server.max_loaded_models
+        if configured > 0:
+            return configured
+        return 3 * max(1, len(self.planner.gpu_free()))
+
+    def default_session(self, model: ModelConfig) -> float:
+        if model.pinned:
+            return FOREVER
+        return model.keep_alive if model.keep_alive is not None else self.config.server.keep_alive
+
+    # ------------------------------------------------------------ public API
+
+    async def acquire(
+        self,
+        model: ModelConfig,
+        options: RunnerOptions | None = None,
+        keep_alive: float | None = None,
+        *,
+        load_only: bool = False,
+    ) -> Lease:
+        """Wait for a replica of `model` with `options`; the queue is FIFO per model.
+        Raises QueueFull, ModelLoadError, InsufficientMemory, ShuttingDown."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if len(self.pending) >= self.config.server.max_queue:
+            self.counters["rejected_queue_full"] += 1
+            raise QueueFull(self.config.server.max_queue)
+        loop = asyncio.get_running_loop()
+        p = Pending(
+            model=model,
+            options=options or RunnerOptions.for_model(model),
+            keep_alive=keep_alive,
+            future=loop.create_future(),
+            enqueued=time.monotonic(),
+            load_only=load_only,
+        )
+        self.pending.append(p)
+        self.counters["requests"] += 1
+        self._schedule()
+        try:
+            return await p.future
+        except asyncio.CancelledError:
+            # The client went away.  If a lease was handed over in the same
+            # instant, give it back; either way leave the queue.
+            if p in self.pending:
+                self.pending.remove(p)
+            if p.future.done() and not p.future.cancelled() and p.future.exception() is None:
+                self.release(p.future.result())
+            self._schedule()
+            raise
+
+    def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        r = lease.replica
+        r.inflight -= 1
+        r.served += 1
+        slot = r.slot
+        slot.last_used = time.monotonic()
+        if slot.refcount == 0 and not slot.draining:
+            self._arm_expiry(slot)
+        self._schedule()
+
+    def unload(self, name: str) -> bool:
+        """Stop a model once its in-flight requests are done (Ollama's keep_alive 0)."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return False
+        self._drain(slot, "unload")
+        self._schedule()
+        return True
+
+    def set_session(self, name: str, keep_alive: float) -> None:
+        slot = self.slots.get(name)
+        if slot is not None and not slot.model.pinned:
+            slot.session = keep_alive
+            if slot.refcount == 0 and not slot.draining:
+                self._arm_expiry(slot)
+                self._schedule()
+
+    def preload(self, model: ModelConfig) -> asyncio.Task:
+        """Load a model at start-up (`preload = true`) without holding it."""
+
+        async def _run() -> None:
+            lease = await self.acquire(model, load_only=True)
+            self.release(lease)
+
+        return asyncio.ensure_future(_run())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        out = []
+        for slot in sorted(self.slots.values(), key=lambda s: s.name):
+            live = [r for r in slot.replicas if r.state != "gone"]
+            out.append(
+                {
+                    "name": slot.name,
+                    "model": slot.model,
+                    "state": slot.state(),
+                    "options": slot.options,
+                    "session": slot.session,
+                    "expires_at": slot.expires_at,
+                    "refcount": slot.refcount,
+                    "draining": slot.draining,
+                    "pinned": slot.model.pinned,
+                    "replicas": [r.describe() for r in live],
+                    "plans": [r.plan for r in live],
+                    "cpu_bytes": sum(r.footprint_cpu() for r in live),
+                    "gpu_bytes": sum(sum(r.footprint_gpu().values()) for r in live),
+                    "created": slot.created,
+                }
+            )
+        return out
+
+    def queue_depth(self) -> int:
+        return len(self.pending)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """For tests and shutdown: wait until no request is pending or in flight."""
+        deadline = time.monotonic() + timeout
+        while self.pending or any(s.refcount for s in self.slots.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("scheduler did not become idle")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.1)
+
+    async def close(self) -> None:
+        """Refuse new work, fail what waits, stop every runner."""
+        self._closed = True
+        for p in self.pending:
+            if not p.future.done():
+                p.future.set_exception(ShuttingDown("the server is shutting down"))
+        self.pending.clear()
+        stops = []
+        for slot in list(self.slots.values()):
+            self._cancel_expiry(slot)
+            slot.draining = slot.draining or "shutdown"
+            for r in slot.replicas:
+                if r.task and not r.task.done():
+                    r.task.cancel()
+                stops.append(self._stop_replica_now(r))
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
+    # ------------------------------------------------------------ the scheduling pass
+
+    def _schedule(self) -> None:
+        """Make every decision the current state allows.  Re-entrant calls
+        (a decision that changes state) just ask for one more pass."""
+        if self._in_schedule:
+            self._again = True
+            return
+        self._in_schedule = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._pass()
+        finally:
+            self._in_schedule = False
+            self._changed.set()
+
+    def _pass(self) -> None:
+        self.pending = [p for p in self.pending if not p.future.done()]
+        # A load that needs memory or a model slot is decided in arrival order:
+        # once one such load must wait for an eviction, later loads wait behind
+        # it (no starvation), while requests for loaded models keep flowing.
+        loads_blocked = self._recovering > 0
+        for p in list(self.pending):
+            slot = self.slots.get(p.model.name)
+            if slot is not None and slot.draining:
+                self._maybe_stop(slot)
+                continue
+            if slot is not None and slot.options != p.options:
+                # Runner options differ (for example num_ctx): reload after it drains.
+                self.counters["reloads"] += 1
+                self._drain(slot, "reload")
+                continue
+            if slot is not None:
+                self._apply_keep_alive(slot, p)
+                if p.load_started is None and slot.loading:
+                    p.load_started = time.monotonic()
+                if p.load_only and slot.ready:
+                    self._grant(p, None)
+                    continue
+                r = self._pick_replica(slot)
+                if r is not None:
+                    self._grant(p, r)
+                    continue
+                if not loads_blocked and self._want_replica(slot):
+                    self._scale_up(slot, p)
+                continue
+            if loads_blocked:
+                continue
+            if not self._try_load(p):
+                loads_blocked = True
+        for slot in list(self.slots.values()):
+            if slot.draining:
+                self._maybe_stop(slot)
+
+    def _pick_replica(self, slot: Slot) -> Replica | None:
+        free = [r for r in slot.replicas if r.available]
+        return min(free, key=lambda r: (r.inflight, r.served)) if free else None
+
+    def _grant(self, p: Pending, r: Replica | None) -> None:
+        self.pending.remove(p)
+        now = time.monotonic()
+        load = (now - p.load_started) if p.load_started is not None else 0.0
+        if r is None:  # load-only request: no replica is held
+            slot = self.slots[p.model.name]
+            r = next(x for x in slot.replicas if x.state == "ready")
+            lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load)
+            r.inflight += 1
+        else:
+            r.inflight += 1
+            lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load)
+        self._cancel_expiry(r.slot)
+        p.future.set_result(lease)
+
+    def _apply_keep_alive(self, slot: Slot, p: Pending) -> None:
+        if p.keep_alive is not None and not slot.model.pinned:
+            slot.session = p.keep_alive
+
+    def _want_replica(self, slot: Slot) -> bool:
+        """One more replica only if every live one is busy and more are allowed."""
+        live = slot.live_replicas()
+        if len(live) >= slot.model.parallel or slot.loading:
+            return False
+        return all(r.inflight > 0 for r in live)
+
+    # ------------------------------------------------------------ loading
+
+    def _candidates(self, exclude: str) -> list[Slot]:
+        """Eviction order: idle first, shortest session first, then name; "forever"
+        sessions sort last; pinned and loading slots never go."""
+        out = [
+            s for s in self.slots.values()
+            if s.name != exclude and not s.model.pinned and not s.loading and not s.draining
+        ]
+        return sorted(out, key=lambda s: (s.refcount > 0, s.session == FOREVER, s.session, s.name))
+
+    def _try_load(self, p: Pending) -> bool:
+        """Decide a load for `p`.  Returns False when later loads must wait."""
+        model, options = p.model, p.options
+        keep = self._live_replicas()
+        try:
+            plan = self.planner.plan(model, options, [])
+        except (OSError, ValueError) as e:
+            self._fail_model(model, ModelLoadError(f"cannot plan model '{model.name}': {e}"))
+            return True
+        alone = self.planner.fits_alone(plan)
+        if not alone.ok:
+            self._fail_model(
+                model,
+                InsufficientMemory(
+                    f"model '{model.name}' does not fit even with every other model unloaded: "
+                    f"{alone.reason}", needed=alone.needed, available=alone.available,
+                ),
+            )
+            return True
+        draining = [s for s in self.slots.values() if s.draining]
+        count_ok = self._loaded_count() < self.max_loaded
+        fit = self.planner.fits(plan, keep, [])
+        if count_ok and fit.ok:
+            self._start_load(p, plan)
+            return True
+        if draining:
+            # Something is already on its way out; decide again once it is gone.
+            return False
+        victims: list[Slot] = []
+        for cand in self._candidates(model.name):
+            victims.append(cand)
+            remaining = [r for r in keep if r.slot not in victims]
+            released = [r for r in keep if r.slot in victims]
+            n_left = self._loaded_count() - len(victims)
+            fit = self.planner.fits(self.planner.plan(model, options, released), remaining, released)
+            if n_left < self.max_loaded and fit.ok:
+                break
+        else:
+            if not victims:
+                # Everything else is pinned or still loading: wait for a change.
+                return False
+        for v in victims:
+            log.info(
+                "evicting", victim=v.name, for_model=model.name, victim_refcount=v.refcount,
+                victim_session=format_duration(v.session),
+            )
+            self.counters["evictions"] += 1
+            self._drain(v, "evict")
+        return False
+
+    def _loaded_count(self) -> int:
+        return sum(1 for s in self.slots.values() if s.live_replicas() or s.draining)
+
+    def _live_replicas(self) -> list[Replica]:
+        return [r for s in self.slots.values() for r in s.replicas if r.state in ("loading", "ready", "stopping")]
+
+    def _start_load(self, p: Pending, plan: LoadPlan) -> None:
+        session = p.keep_alive if p.keep_alive is not None else self.default_session(p.model)
+        if p.model.pinned:
+            session = FOREVER
+        slot = Slot(p.model, p.options, session)
+        self.slots[p.model.name] = slot
+        self._launch(slot, plan, reason="request")
+        now = time.monotonic()
+        for q in self.pending:
+            if q.model.name == p.model.name and q.load_started is None:
+                q.load_started = now
+
+    def _scale_up(self, slot: Slot, p: Pending) -> None:
+        keep = self._live_replicas()
+        plan = self.planner.plan(slot.model, slot.options, [])
+        if self.planner.fits(plan, keep, []).ok:
+            self._launch(slot, plan, reason="parallel")
+            p.load_started = p.load_started or time.monotonic()
+
+    def _launch(self, slot: Slot, plan: LoadPlan, *, reason: str) -> None:
+        index = max((r.index for r in slot.replicas), default=-1) + 1
+        spec = self._spec(slot, plan)
+        process = self._spawn(spec, index)
+        replica = Replica(slot, plan, process, index)
+        process.on_exit = lambda proc, code, r=replica: self._on_exit(r, code)
+        slot.replicas.append(replica)
+        log.info(
+            "loading", model=slot.name, replica=index, reason=reason, n_ctx=plan.n_ctx,
+            n_gpu_layers=plan.n_gpu_layers, estimate_cpu=plan.cpu_bytes, estimate_gpu=plan.gpu_bytes,
+        )
+        replica.task = asyncio.ensure_future(self._load(replica))
+
+    def _spec(self, slot: Slot, plan: LoadPlan) -> RunnerSpec:
+        m = slot.model
+        threads = slot.options.n_threads or (os.cpu_count() or 1)
+        return RunnerSpec(
+            model_name=m.name,
+            model_path=str(m.path),
+            n_ctx=plan.n_ctx,
+            n_threads=threads,
+            n_batch=slot.options.n_batch,
+            n_gpu_layers=plan.n_gpu_layers,
+            tensor_split=plan.tensor_split,
+            flash_attn=plan.flash_attn,
+            type_k=CACHE_TYPE_IDS[plan.cache_type_k] if plan.cache_type_k != "f16" else None,
+            type_v=CACHE_TYPE_IDS[plan.cache_type_v] if plan.cache_type_v != "f16" else None,
+            chat_format=m.chat_format,
+            embedding=m.embedding,
+        )
+
+    def _default_spawn(self, spec: RunnerSpec, index: int) -> RunnerProcess:
+        return RunnerProcess(spec, replica=index, log=get_logger("hoshikage.runner", model=spec.model_name, replica=index))
+
+    async def _load(self, r: Replica) -> None:
+        try:
+            await r.process.start(load_timeout=self.config.server.load_timeout)
+        except asyncio.CancelledError:
+            r.state = "gone"
+            raise
+        except RunnerLoadError as e:
+            self.counters["load_failures"] += 1
+            r.state = "gone"
+            slot = r.slot
+            slot.replicas.remove(r)
+            log.error("load failed", model=slot.name, replica=r.index, error=str(e))
+            if not slot.replicas and self.slots.get(slot.name) is slot:
+                del self.slots[slot.name]
+                self._fail_model(slot.model, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
+            self._schedule()
+            return
+        except Exception as e:  # a bug or an OS error: never leave waiters hanging
+            log.exception("load crashed", model=r.slot.name)
+            r.state = "gone"
+            with contextlib.suppress(Exception):
+                await r.process.stop(grace=self.config.server.stop_timeout)
+            slot = r.slot
+            if r in slot.replicas:
+                slot.replicas.remove(r)
+            if not slot.replicas and self.slots.get(slot.name) is slot:
+                del self.slots[slot.name]
+            self._fail_model(slot.model, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
+            self._schedule()
+            return
+        if r.state != "loading":  # stopped while loading (shutdown)
+            return
+        r.state = "ready"
+        r.loaded_at = time.monotonic()
+        self.counters["loads"] += 1
+        with contextlib.suppress(Exception):
+            self.planner.measure(r)
+        log.info(
+            "loaded", model=r.slot.name, replica=r.index, pid=r.process.pid,
+            load_seconds=round(r.process.load_duration or 0.0, 3),
+            estimate_cpu=r.plan.cpu_bytes, measured_cpu=r.measured.rss if r.measured else None,
+            estimate_gpu=r.plan.gpu_bytes, measured_gpu=r.measured.gpu if r.measured else None,
+        )
+        if r.slot.refcount == 0 and not any(q.model.name == r.slot.name for q in self.pending):
+            self._arm_expiry(r.slot)
+        self._schedule()
+
+    def _fail_model(self, model: ModelConfig, error: HoshikageError) -> None:
+        for q in list(self.pending):
+            if q.model.name == model.name and not q.future.done():
+                q.future.set_exception(error)
+                self.pending.remove(q)
+
+    # ------------------------------------------------------------ expiry and stopping
+
+    def _arm_expiry(self, slot: Slot) -> None:
+        self._cancel_expiry(slot)
+        if slot.session == FOREVER or slot.model.pinned:
+            slot.expires_at = None
+            return
+        if slot.session <= 0:
+            slot.expires_at = self._clock()
+            self._drain(slot, "expire")
+            return
+        slot.expires_at = self._clock() + slot.session
+        if self._timer is not None:
+            slot.timer = self._timer(slot.session, lambda s=slot: self._expire(s))
+        else:
+            slot.timer = asyncio.get_running_loop().call_later(slot.session, self._expire, slot)
+
+    def _cancel_expiry(self, slot: Slot) -> None:
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+        slot.expires_at = None
+
+    def _expire(self, slot: Slot) -> None:
+        slot.timer = None
+        if self.slots.get(slot.name) is not slot or slot.refcount or slot.draining:
+            return
+        log.info("session expired", model=slot.name, session=format_duration(slot.session))
+        self.counters["expirations"] += 1
+        self._drain(slot, "expire")
+        self._schedule()
+
+    def _drain(self, slot: Slot, reason: str) -> None:
+        if slot.draining:
+            return
+        slot.draining = reason
+        self._cancel_expiry(slot)
+        self._maybe_stop(slot)
+
+    def _maybe_stop(self, slot: Slot) -> None:
+        """Stop a draining slot's replicas that hold no lease; a loading replica
+        finishes loading first (killing it mid-load wastes the work and can
+        leave GPU memory in limbo)."""
+        for r in slot.replicas:
+            if r.state == "ready" and r.inflight == 0:
+                self._stop_replica(r)
+        if not slot.replicas and self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
+
+    def _stop_replica(self, r: Replica) -> None:
+        r.state = "stopping"
+        baseline = self.planner.gpu_free() if r.footprint_gpu() else {}
+        task = asyncio.ensure_future(self._stop_and_recover(r, baseline))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _stop_replica_now(self, r: Replica) -> None:
+        r.state = "stopping"
+        with contextlib.suppress(Exception):
+            await r.process.stop(grace=self.config.server.stop_timeout)
+        r.state = "gone"
+
+    async def _stop_and_recover(self, r: Replica, baseline: dict[int, int]) -> None:
+        slot = r.slot
+        log.info("stopping", model=slot.name, replica=r.index, reason=slot.draining)
+        gpu = bool(r.footprint_gpu())
+        if gpu:
+            self._recovering += 1
+        try:
+            with contextlib.suppress(Exception):
+                await r.process.stop(grace=self.config.server.stop_timeout)
+            self._remove_replica(r)
+            self._schedule()
+            if gpu:
+                ok = await self.planner.wait_for_recovery(r, baseline)
+                if not ok:
+                    log.warning(
+                        "memory did not come back in time", model=slot.name,
+                        timeout=self.config.memory.recovery_timeout, expected=r.footprint_gpu(),
+                    )
+        finally:
+            if gpu:
+                self._recovering -= 1
+            self._schedule()
+
+    def _remove_replica(self, r: Replica) -> None:
+        r.state = "gone"
+        slot = r.slot
+        if r in slot.replicas:
+            slot.replicas.remove(r)
+        if not slot.replicas and self.slots.get(slot.name) is slot:
+            self._cancel_expiry(slot)
+            del self.slots[slot.name]
+
+    # ------------------------------------------------------------ crashes
+
+    def _on_exit(self, r: Replica, code: int) -> None:
+        """A runner process ended.  Expected when stopping; otherwise a crash:
+        in-flight requests on it fail (the gateway retries those that had not
+        started), the replica is replaced at once while the model's session
+        lasts, and waiting requests are served by the replacement."""
+        if r.state in ("stopping", "gone") or self._closed:
+            return
+        if r.state == "loading":
+            return  # start() raises RunnerLoadError; _load handles it
+        slot = r.slot
+        self.counters["crashes"] += 1
+        log.error(
+            "runner crashed", model=slot.name, replica=r.index, pid=r.process.pid, code=code,
+            last_lines=r.process.error_summary(),
+        )
+        self._remove_replica(r)
+        # The same slot object stays registered only while other replicas live;
+        # otherwise restart it proactively unless it was on its way out.
+        if slot.draining or self._closed:
+            self._schedule()
+            return
+        now = time.monotonic()
+        slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW]
+        if len(slot.restarts) >= RESTART_LIMIT:
+            log.error("not restarting: crashed too often", model=slot.name, crashes=len(slot.restarts))
+            self._schedule()
+            return
+        slot.restarts.append(now)
+        if self.slots.get(slot.name) is None:
+            self.slots[slot.name] = slot
+        keep = self._live_replicas()
+        plan = self.planner.plan(slot.model, slot.options, [])
+        if self.planner.fits(plan, keep, []).ok:
+            self.counters["restarts"] += 1
+            self._launch(slot, plan, reason="restart after crash")
+        elif not slot.replicas:
+            del self.slots[slot.name]
+        self._schedule()
