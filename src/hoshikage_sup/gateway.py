@@ -70,7 +70,7 @@ class Upstream:
         try:
             return await self.response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise self._failure(e) from e
+            raise await self._failure_seen(e) from e
 
     async def json(self) -> Any:
         raw = await self.read()
@@ -85,7 +85,7 @@ class Upstream:
             async for chunk in self.response.content.iter_any():
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise self._failure(e) from e
+            raise await self._failure_seen(e) from e
 
     async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed server-sent events (`data: {...}`), ending at `[DONE]`."""
@@ -112,6 +112,21 @@ class Upstream:
         if isinstance(e, asyncio.TimeoutError):
             return UpstreamTimeout(f"request to model '{self.model.name}' exceeded request_timeout")
         return RunnerFailed(_runner_failure_message(self.lease, e))
+
+    async def _failure_seen(self, e: BaseException) -> HoshikageError:
+        """`_failure`, once a runner that dropped the connection is seen to have
+        exited, so the message carries its exit status and last error lines."""
+        if not isinstance(e, asyncio.TimeoutError):
+            await _settle(self.lease)
+        return self._failure(e)
+
+
+async def _settle(lease: Lease) -> None:
+    """Give a runner that dropped or refused a connection a moment to be seen as exited."""
+    proc = lease.replica.process
+    if proc.returncode is None:
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(proc.wait(), 1.0)
 
 
 def _runner_failure_message(lease: Lease, e: BaseException) -> str:
@@ -181,11 +196,7 @@ class Gateway:
             return
 
     async def _settle(self, lease: Lease) -> None:
-        """Give a runner that refused a connection a moment to be seen as exited."""
-        proc = lease.replica.process
-        if proc.returncode is None:
-            with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(proc.wait(), 1.0)
+        await _settle(lease)
 
     async def load(self, name: str, keep_alive: float | None = None, runner_options: Mapping[str, Any] | None = None) -> Lease:
         """Load a model without sending it a request (Ollama's empty prompt)."""
