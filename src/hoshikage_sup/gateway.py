@@ -174,6 +174,7 @@ class Gateway:
         path = UPSTREAM_PATHS[req.kind]
         for attempt in range(1, MAX_ATTEMPTS + 1):
             lease = await self.scheduler.acquire(model, options, req.keep_alive)
+            dead_before = lease.replica.process.returncode is not None
             try:
                 response = await self.session.post(lease.base_url + path, json=body, timeout=timeout)
             except asyncio.CancelledError:
@@ -183,9 +184,18 @@ class Gateway:
                 self.scheduler.release(lease)
                 if isinstance(e, asyncio.TimeoutError) and lease.alive:
                     raise UpstreamTimeout(f"request to model '{model.name}' exceeded request_timeout") from e
-                if attempt < MAX_ATTEMPTS:
+                await self._settle(lease)
+                # Only a request the runner never had is sent again: the
+                # connection was refused, the runner was dead already, or a live
+                # runner dropped an idle connection.  A runner that died with the
+                # request in hand (it crashed on it) would just crash again.
+                died_on_it = (
+                    not isinstance(e, aiohttp.ClientConnectorError)
+                    and not dead_before
+                    and lease.replica.process.returncode is not None
+                )
+                if attempt < MAX_ATTEMPTS and not died_on_it:
                     log.warning("runner unreachable, retrying on a fresh runner", model=model.name, attempt=attempt, error=str(e))
-                    await self._settle(lease)
                     continue
                 raise RunnerFailed(_runner_failure_message(lease, e)) from e
             try:
