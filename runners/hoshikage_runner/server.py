@@ -1,0 +1,149 @@
+"""Build the llama_cpp.server app for one model and serve it on the inherited socket.
+
+Importing this module is the slow, model-independent part of a start
+(llama_cpp, FastAPI, uvicorn); `run` is the model-dependent part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import llama_cpp  # noqa: F401 - imported here so a spare runner pays for it ahead of time
+import llama_cpp.server.app as llama_app
+import uvicorn
+from fastapi import FastAPI
+from llama_cpp.server.settings import ModelSettings, ServerSettings
+from pydantic import ValidationError
+
+from hoshikage_runner.lifeline import fail
+
+# Seconds uvicorn waits for open requests after SIGTERM before it cancels them.
+GRACEFUL_SHUTDOWN = 2.0
+
+
+def _scrub_settings_environment() -> None:
+    """Drop environment variables that would silently become server or model settings.
+
+    ``ModelSettings``/``ServerSettings`` are pydantic ``BaseSettings``: any
+    field we do not pass is read from a same-named environment variable
+    (``MODEL``, ``N_CTX``, ``API_KEY``...), and ``create_app`` reloads
+    everything from ``CONFIG_FILE`` when that is set.  The supervisor's
+    JSON line must be the only source of truth for a runner.
+    """
+    fields = {name.upper() for name in (*ModelSettings.model_fields, *ServerSettings.model_fields)}
+    fields.add("CONFIG_FILE")
+    for key in list(os.environ):
+        if key.upper() in fields:
+            del os.environ[key]
+
+
+def _one_line(error: ValidationError) -> str:
+    """A pydantic error as one line: the supervisor shows the runner's last error line."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(x) for x in item.get("loc", ())) or "settings"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def model_settings(settings: dict[str, Any]) -> ModelSettings:
+    """Validate the settings line (minus ``fd``) as llama_cpp.server ``ModelSettings``."""
+    fields = {k: v for k, v in settings.items() if k != "fd"}
+    try:
+        return ModelSettings(**fields)
+    except ValidationError as e:
+        fail(f"invalid runner settings: {_one_line(e)}")
+
+
+def server_settings() -> ServerSettings:
+    """Server settings for a runner; interrupt_requests must always be off.
+
+    With llama_cpp.server's default (True) any other request, even a
+    ``GET /v1/models`` from the supervisor, ends a running stream early.
+    host/port are unused: we serve on the supervisor's socket.
+    """
+    return ServerSettings(interrupt_requests=False, api_key=None, host="127.0.0.1", port=0)
+
+
+def add_health_route(app: FastAPI, alias: str) -> None:
+    """``GET /health``: answers from the event loop without llama_cpp.server's model locks.
+
+    Generation runs in a worker thread (and ctypes drops the GIL), so this
+    keeps answering during a long generation; the supervisor uses it for
+    readiness and liveness.  It exists only once the model is loaded.
+    """
+    payload = {"status": "ok", "model": alias, "pid": os.getpid()}
+
+    async def health() -> dict[str, Any]:
+        return payload
+
+    app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
+
+
+def build_app(settings: dict[str, Any]) -> FastAPI:
+    """Load the model (synchronously, as create_app does) and return the app with /health."""
+    _scrub_settings_environment()
+    model = model_settings(settings)
+    try:
+        app = llama_app.create_app(server_settings=server_settings(), model_settings=[model])
+    except Exception as e:  # noqa: BLE001 - a load failure of any kind is reported, not raised
+        fail(f"failed to load model {model.model}: {type(e).__name__}: {e}")
+    add_health_route(app, model.model_alias or model.model)
+    return app
+
+
+def _listening_socket(fd: int) -> socket.socket:
+    """Wrap the inherited descriptor; it must be a listening stream socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        fail(f"fd {fd} is not a usable socket: {e}")
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        fail(f"fd {fd} is not a listening TCP socket")
+    return sock
+
+
+def _swallow_signal(signum: int, frame: object) -> None:
+    """Placeholder handler: the shutdown it asks for has already happened."""
+
+
+def serve(app: FastAPI, sock: socket.socket) -> None:
+    """Serve until SIGTERM/SIGINT (uvicorn handles both and shuts down gracefully).
+
+    uvicorn re-raises a captured signal after its graceful shutdown, with the
+    handler that was in place before; with Python's defaults that turns a
+    clean stop into "killed by SIGTERM" (or a KeyboardInterrupt traceback).
+    Installing no-op handlers first makes a requested stop exit with status 0.
+    They go in only now: during the model load, SIGTERM must still kill at once.
+    """
+    signal.signal(signal.SIGTERM, _swallow_signal)
+    signal.signal(signal.SIGINT, _swallow_signal)
+    config = uvicorn.Config(
+        app,
+        access_log=False,  # one line per request (and per health probe) is noise in the supervisor's log
+        log_level="info",
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+    )
+    server = uvicorn.Server(config)
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def run(settings: dict[str, Any]) -> int:
+    """Steps 3–4 of the protocol for an already-read settings line; returns the exit status."""
+    sock = _listening_socket(settings["fd"])
+    app = build_app(settings)
+    serve(app, sock)
+    # A generation still running in a worker thread would keep the interpreter
+    # alive after uvicorn returns; the process is done, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+__all__ = ["build_app", "model_settings", "run", "serve", "server_settings"]

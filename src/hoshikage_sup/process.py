@@ -1,0 +1,547 @@
+"""The supervisor side of one runner process.
+
+A `RunnerProcess` owns exactly one child (``python -m hoshikage_runner`` by
+default): it binds the child's listening socket, spawns it, sends the
+settings line, waits until ``GET /health`` answers, keeps the child's output
+(logged, and the last 8 KiB kept for error messages), notices when the child
+exits, and stops it.  Scheduling (which runner serves what, when to unload)
+is someone else's job; this module only makes one process lifecycle robust:
+no port race, no orphan, no zombie, and load errors that say what went wrong
+instead of Ollama's opaque "llama runner process has terminated".
+
+Lifecycle (``state``)::
+
+    new --start()--> starting --/health ok--> ready --stop()--> stopping --> exited
+                        |                       |                              ^
+                        +-- load error/timeout/cancel, crash, stop() ----------+
+
+``on_exit(runner, returncode)`` semantics: it is called exactly once for
+every child that was actually spawned, from a task on the event loop, after
+the child has been reaped and ``returncode``/``state == "exited"`` are set and
+its output has been drained.  That includes a child that failed to load (the
+callback runs before `start` raises `RunnerLoadError`), a child stopped with
+`stop`, and a child that crashed while ready.  It is not called when the
+spawn itself failed (no process existed).  A scheduler tells the cases apart
+with ``runner.ready_at is None`` (never became ready) and
+``runner.stop_requested`` (the exit was asked for); a crash is
+``ready_at is not None and not stop_requested``.  ``on_exit`` is a plain
+attribute: it may also be set after construction, before the child exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import aiohttp
+import structlog
+
+from hoshikage_runner.lifeline import ENV_SUPERVISOR_PID
+
+# Bytes of child output kept for error messages (Ollama keeps the same amount).
+OUTPUT_TAIL_BYTES = 8 * 1024
+# Readiness is polled at this interval when a probe fails outright.
+READY_POLL_INTERVAL = 0.25
+# A probe waits this long for an answer.  The listening socket exists before
+# the child runs, so a probe sent during load simply waits in the backlog and
+# is answered the moment uvicorn starts serving; a timeout only costs a retry.
+READY_PROBE_TIMEOUT = 2.0
+# After the child exits, wait at most this long for the rest of its output.
+OUTPUT_DRAIN_TIMEOUT = 2.0
+# A line longer than this is logged in pieces (llama.cpp prints progress dots without newlines).
+MAX_LINE_BYTES = 4096
+# Relevant lines kept for `error_summary`, and how much of each.
+MAX_RELEVANT_LINES = 10
+MAX_SUMMARY_LINE_CHARS = 500
+FALLBACK_SUMMARY_LINES = 10
+
+# Lines that explain why a runner failed: our runner's "error:" lines,
+# llama.cpp/ggml failures, and the last line of a Python traceback.
+ERROR_LINE = re.compile(
+    r"error:|CUDA error|GGML_ASSERT|out of memory|failed to load|error loading model"
+    r"|\bllama_model_load:|^\s*[A-Za-z_][\w.]*(?:Error|Exception)\b[^:]*:",
+    re.IGNORECASE,
+)
+
+STATES = ("new", "starting", "ready", "stopping", "exited")
+OnExit = Callable[["RunnerProcess", int], None]
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """Everything that decides how a runner loads its model; equal specs are interchangeable runners."""
+
+    model_name: str
+    model_path: str
+    n_ctx: int
+    n_threads: int  # <= 0: all CPUs (llama_cpp.server's -1)
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    tensor_split: tuple[float, ...] | None = None
+    main_gpu: int = 0
+    flash_attn: bool = False
+    type_k: int | None = None
+    type_v: int | None = None
+    chat_format: str | None = None
+    embedding: bool = False
+    # llama_cpp.server defaults this to True; see `settings` for why we do not.
+    logits_all: bool = False
+
+    def settings(self, fd: int) -> dict[str, Any]:
+        """The JSON line sent to the child: llama_cpp.server ``ModelSettings`` fields plus ``fd``.
+
+        ``n_threads_batch`` follows ``n_threads`` so a runner stays inside the
+        thread budget the scheduler gave it (llama_cpp.server would otherwise
+        use every CPU for prompt processing).  ``use_mlock`` is off: locking
+        the weights in RAM fails under the usual RLIMIT_MEMLOCK and would pin
+        memory the page cache shares between replicas.
+
+        ``logits_all`` is off unless asked for: llama_cpp.server's default
+        (True) keeps an ``n_ctx × n_vocab`` float32 array of logits and has
+        llama.cpp compute the output layer for every prompt token.  With the
+        demo model (262k vocabulary, n_ctx 2048) a 1000-token prompt grew the
+        runner from 0.4 to 2.4 GiB RSS and took 1.6× as long.  Only
+        ``logprobs`` requests need it (they fail with a 500 without it).
+        """
+        threads = self.n_threads if self.n_threads > 0 else -1
+        return {
+            "model": self.model_path,
+            "model_alias": self.model_name,
+            "n_ctx": self.n_ctx,
+            "n_threads": threads,
+            "n_threads_batch": threads,
+            "n_batch": self.n_batch,
+            "n_gpu_layers": self.n_gpu_layers,
+            "tensor_split": list(self.tensor_split) if self.tensor_split is not None else None,
+            "main_gpu": self.main_gpu,
+            "flash_attn": self.flash_attn,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "chat_format": self.chat_format,
+            "embedding": self.embedding,
+            "use_mmap": True,
+            "use_mlock": False,
+            "logits_all": self.logits_all,
+            "verbose": True,
+            "fd": fd,
+        }
+
+
+class RunnerLoadError(Exception):
+    """A runner did not become ready; the message carries the child's own explanation.
+
+    ``summary`` holds the relevant output lines (see `RunnerProcess.error_summary`),
+    ``returncode`` the child's exit status (negative: killed by that signal; None
+    if it never ran).
+    """
+
+    def __init__(self, message: str, *, model: str, summary: str = "", returncode: int | None = None):
+        self.model = model
+        self.summary = summary
+        self.returncode = returncode
+        full = f"{message}: {summary}" if summary else message
+        super().__init__(full)
+
+
+def describe_returncode(returncode: int | None) -> str:
+    """'exit status 1' / 'killed by signal SIGKILL' as people read them."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class RunnerProcess:
+    """One child process serving one model on 127.0.0.1:`port` (see the module docstring)."""
+
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        *,
+        replica: int = 0,
+        log: Any = None,
+        on_exit: OnExit | None = None,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.replica = replica
+        self._base_log = (log if log is not None else structlog.get_logger("hoshikage.runner")).bind(
+            model=spec.model_name, replica=replica
+        )
+        self._log = self._base_log
+        self.on_exit = on_exit
+        self._command = list(command) if command is not None else [python, "-m", "hoshikage_runner"]
+        self._env = env
+        self.port: int = 0
+        self.base_url: str = ""
+        self.pid: int | None = None
+        self.started_at: float | None = None  # wall clock (time.time()) at spawn
+        self.ready_at: float | None = None  # wall clock when /health first answered
+        self.load_duration: float | None = None  # seconds from spawn to ready
+        self.state: str = "new"
+        self.returncode: int | None = None
+        self.stop_requested = False
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tail = bytearray()
+        self._output_bytes = 0  # all output so far; places relevant lines relative to the tail
+        self._relevant: deque[tuple[int, str]] = deque(maxlen=MAX_RELEVANT_LINES)
+        self._last_output = 0.0  # loop time of the last output byte: load progress
+        self._exited = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Future[int] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<RunnerProcess {self.spec.model_name}#{self.replica} pid={self.pid} "
+            f"port={self.port} state={self.state}>"
+        )
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self, load_timeout: float = 300.0) -> None:
+        """Spawn the child and return once it serves; raise `RunnerLoadError` otherwise.
+
+        ``load_timeout`` counts from the child's last output, not from the
+        spawn: a big model that keeps printing progress is not killed, a
+        silent hang is.  On any failure, cancellation included, the child is
+        killed and reaped before this returns.
+        """
+        if self.state != "new":
+            raise RuntimeError(f"{self!r}: start() can only be called once")
+        self.state = "starting"
+        loop = asyncio.get_running_loop()
+        try:
+            sock = self._bind()
+        except OSError as e:
+            self.state = "exited"
+            raise RunnerLoadError(f"cannot bind a port for model {self.spec.model_name!r}: {e}",
+                                  model=self.spec.model_name) from e
+        try:
+            fd = sock.fileno()
+            await self._spawn(fd)
+        except BaseException:
+            sock.close()
+            if self._proc is None:
+                self.state = "exited"
+            raise
+        sock.close()  # the child holds its own copy; ours would keep the port alive after it dies
+        spawned_at = loop.time()
+        try:
+            await self._send_settings(fd)
+            await self._wait_ready(load_timeout)
+        except BaseException as e:
+            await self._abort_start()
+            if isinstance(e, RunnerLoadError) or not isinstance(e, Exception):
+                raise  # RunnerLoadError as is; CancelledError/KeyboardInterrupt untouched
+            raise self._load_error(f"runner failed to start ({type(e).__name__}: {e})") from e
+        self.load_duration = loop.time() - spawned_at
+        self.ready_at = time.time()
+        self.state = "ready"
+        self._relevant.clear()
+        self._log.info("runner ready", port=self.port, load_duration=round(self.load_duration, 3))
+
+    def _bind(self) -> socket.socket:
+        """Bind the child's listening socket here, so the port is ours before the child exists."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        return sock
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ if self._env is None else self._env)
+        env["PYTHONUNBUFFERED"] = "1"  # output must arrive line by line: it is our progress signal
+        env[ENV_SUPERVISOR_PID] = str(os.getpid())
+        return env
+
+    async def _spawn(self, fd: int) -> None:
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                pass_fds=(fd,),
+                start_new_session=False,
+                env=self._child_env(),
+            )
+        except OSError as e:
+            raise RunnerLoadError(
+                f"cannot start runner for model {self.spec.model_name!r} ({self._command[0]}: {e})",
+                model=self.spec.model_name,
+            ) from e
+        self.pid = self._proc.pid
+        self.started_at = time.time()
+        self._last_output = asyncio.get_running_loop().time()
+        self._log = self._base_log.bind(pid=self.pid)
+        self._log.info("runner spawned", port=self.port, command=self._command)
+        self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")
+        self._watcher = asyncio.create_task(self._watch(), name=f"runner-watch-{self.pid}")
+
+    async def _send_settings(self, fd: int) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        line = json.dumps(self.spec.settings(fd), separators=(",", ":")) + "\n"
+        self._proc.stdin.write(line.encode())
+        try:
+            await self._proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the child is already gone; _wait_ready reports why
+
+    async def _wait_ready(self, load_timeout: float) -> None:
+        """Probe /health until it answers, the child exits, or it has been silent too long."""
+        assert self._watcher is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._exited.is_set():
+                raise self._exit_error()
+            if self.stop_requested:
+                raise self._load_error("runner was stopped while loading")
+            silent_for = loop.time() - self._last_output
+            if silent_for > load_timeout:
+                raise self._load_error(
+                    f"runner did not become ready: no progress for {load_timeout:g} s"
+                )
+            attempt = min(READY_PROBE_TIMEOUT, load_timeout - silent_for + 0.05)
+            probe = asyncio.ensure_future(self._probe(attempt))
+            done, _ = await asyncio.wait({probe, self._watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if probe not in done:
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
+                continue
+            outcome = probe.result()
+            if outcome == "ready":
+                if self.stop_requested:  # stop() came while this probe was in flight
+                    raise self._load_error("runner was stopped while loading")
+                return
+            if outcome == "refused":
+                await asyncio.wait({self._watcher}, timeout=READY_POLL_INTERVAL)
+
+    async def _probe(self, timeout: float) -> str:
+        """One readiness attempt: 'ready', 'timeout' (still loading) or 'refused'."""
+        try:
+            body = await self._get_health(timeout)
+        except asyncio.TimeoutError:
+            return "timeout"
+        except (aiohttp.ClientError, OSError, ValueError):
+            return "refused"
+        return "ready" if body is not None else "refused"
+
+    async def _get_health(self, timeout: float) -> dict[str, Any] | None:
+        """GET /health; the parsed body when the runner says it is ok, else None."""
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        async with aiohttp.ClientSession(timeout=client_timeout) as session:
+            async with session.get(f"{self.base_url}/health") as response:
+                if response.status != 200:
+                    return None
+                body = await response.json(content_type=None)
+        if isinstance(body, dict) and body.get("status") == "ok":
+            return body
+        return None
+
+    async def _abort_start(self) -> None:
+        """Kill a child that failed to start and wait until it is reaped (on_exit has run)."""
+        self._kill()
+        if self._watcher is None:
+            return
+        try:
+            await asyncio.shield(self._watcher)
+        except asyncio.CancelledError:
+            # Cancelled again while cleaning up: the watcher still runs to completion
+            # on its own (the child is already SIGKILLed), and the caller's error wins.
+            pass
+
+    def _exit_error(self) -> RunnerLoadError:
+        if self.stop_requested:
+            return self._load_error("runner was stopped while loading")
+        return self._load_error(f"runner exited while loading ({describe_returncode(self.returncode)})")
+
+    def _load_error(self, what: str) -> RunnerLoadError:
+        return RunnerLoadError(
+            f"model {self.spec.model_name!r}: {what}",
+            model=self.spec.model_name,
+            summary=self.error_summary(),
+            returncode=self.returncode,
+        )
+
+    # ----------------------------------------------------------------- output
+
+    async def _read_output(self) -> None:
+        """Log the child's output line by line, keep its tail, and note progress for the load timeout."""
+        assert self._proc is not None and self._proc.stdout is not None
+        stream = self._proc.stdout
+        loop = asyncio.get_running_loop()
+        pending = b""
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            self._last_output = loop.time()
+            self._keep_tail(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._emit(line)
+            while len(pending) > MAX_LINE_BYTES:
+                self._emit(pending[:MAX_LINE_BYTES])
+                pending = pending[MAX_LINE_BYTES:]
+        if pending:
+            self._emit(pending)
+
+    def _keep_tail(self, chunk: bytes) -> None:
+        self._output_bytes += len(chunk)
+        self._tail += chunk
+        if len(self._tail) > OUTPUT_TAIL_BYTES:
+            del self._tail[: len(self._tail) - OUTPUT_TAIL_BYTES]
+
+    def _emit(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace").rstrip()
+        if not text.strip():
+            return
+        if ERROR_LINE.search(text):
+            self._relevant.append((self._output_bytes, text.strip()[:MAX_SUMMARY_LINE_CHARS]))
+            self._log.warning("runner output", line=text)
+        else:
+            self._log.info("runner output", line=text)
+
+    def output_tail(self) -> str:
+        """The last 8 KiB of the child's combined stdout/stderr."""
+        return self._tail.decode("utf-8", errors="replace")
+
+    def error_summary(self) -> str:
+        """The lines that explain a failure, for client-facing errors.
+
+        The error-looking lines (``error:``, ``CUDA error``, ``GGML_ASSERT``,
+        out of memory, model load failures, a traceback's last line) when
+        there are any, else the last few lines of output.  Only lines still
+        inside the 8 KiB tail count, and lines from the load are forgotten
+        once the runner is ready: a crash hours later must not be explained
+        by an old request's error or a harmless load-time warning.
+        """
+        window_start = self._output_bytes - OUTPUT_TAIL_BYTES
+        relevant = [line for offset, line in self._relevant if offset > window_start]
+        if relevant:
+            return "\n".join(relevant)
+        lines = [line.strip() for line in self.output_tail().splitlines() if line.strip()]
+        return "\n".join(line[:MAX_SUMMARY_LINE_CHARS] for line in lines[-FALLBACK_SUMMARY_LINES:])
+
+    # ------------------------------------------------------------------- exit
+
+    async def _watch(self) -> None:
+        """Reap the child, drain its output, then publish the exit (state, event, on_exit)."""
+        assert self._proc is not None and self._reader is not None
+        returncode = await self._proc.wait()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), OUTPUT_DRAIN_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._reader.cancel()  # something else holds the pipe open; the child itself is gone
+        except Exception:  # noqa: BLE001 - a broken reader must not hide the exit
+            self._log.exception("runner output reader failed")
+        self.returncode = returncode
+        previous = self.state
+        self.state = "exited"
+        self._close_stdin()
+        self._exited.set()
+        self._log_exit(previous, returncode)
+        if self.on_exit is not None:
+            try:
+                self.on_exit(self, returncode)
+            except Exception:  # noqa: BLE001 - the callback's bug is not the runner's
+                self._log.exception("runner on_exit callback failed")
+
+    def _log_exit(self, previous: str, returncode: int) -> None:
+        how = describe_returncode(returncode)
+        if previous == "ready" and not self.stop_requested:
+            self._log.warning("runner exited unexpectedly", returncode=returncode, how=how,
+                              error=self.error_summary())
+        else:
+            self._log.info("runner exited", returncode=returncode, how=how)
+
+    def _close_stdin(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                self._proc.stdin.close()
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is not None and self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    def _kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    # ------------------------------------------------------------------- stop
+
+    async def stop(self, grace: float = 5.0) -> int:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status.
+
+        Idempotent and safe to call concurrently: every caller waits for the
+        same shutdown.  Cancelling a caller does not cancel the shutdown.
+        Before `start` it just marks the runner exited (and returns 0).
+        """
+        self.stop_requested = True
+        if self._proc is None:
+            self.state = "exited"
+            return 0
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop(grace))
+        return await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace: float) -> int:
+        if not self._exited.is_set():
+            self.state = "stopping"
+            self._log.info("stopping runner", grace=grace)
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._exited.wait(), grace)
+            except asyncio.TimeoutError:
+                self._log.warning("runner ignored SIGTERM, killing it", grace=grace)
+                self._kill()
+                await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    async def wait(self) -> int:
+        """Wait for the child to exit (for any reason) and return its exit status."""
+        if self._proc is None:
+            raise RuntimeError(f"{self!r}: not started")
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    # ----------------------------------------------------------------- health
+
+    async def health(self, timeout: float = 1.0) -> bool:
+        """True when the child answers ``GET /health`` with status ok within ``timeout``.
+
+        The runner's /health takes no model lock, so this stays cheap and
+        truthful while a generation is running.
+        """
+        if self.state not in ("ready", "starting") or self._exited.is_set():
+            return False
+        try:
+            return await self._get_health(timeout) is not None
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return False
