@@ -367,7 +367,11 @@ class Scheduler:
         r.served += 1
         slot = r.slot
         slot.last_used = time.monotonic()
-        if slot.refcount == 0 and not slot.draining:
+        # A slot with requests waiting for it is not idle: this same pass hands
+        # it the next one (as in _load), so a keep_alive of 0 does not unload it
+        # under its own queue.
+        waiting = any(q.model.name == slot.name and not q.future.done() for q in self.pending)
+        if slot.refcount == 0 and not slot.draining and not waiting:
             self._arm_expiry(slot)
         self._schedule()
 
