@@ -84,6 +84,9 @@ class MemoryPlanner:
             requested_layers=options.n_gpu_layers,
             gpus=gpus,
             gpu_overhead=self.config.memory.gpu_overhead,
+            flash_attn=flash,
+            # runners start with logits_all off (RunnerSpec): estimate the same
+            logits_all=False,
         )
         est = placement.estimate
         return LoadPlan(
