@@ -29,8 +29,8 @@ import threading
 from typing import Any, NoReturn
 
 PR_SET_PDEATHSIG = 1
-# The supervisor puts its pid here so a child can tell it was re-parented even
-# when the supervisor died before the child could look at getppid() once.
+# The supervisor puts its pid here so a child can tell the supervisor died even
+# before the child could look at getppid() once.
 ENV_SUPERVISOR_PID = "HOSHIKAGE_SUPERVISOR_PID"
 # Exit status when stdin reaches EOF (the supervisor is gone or asked us to go).
 EXIT_STDIN_CLOSED = 0
@@ -49,25 +49,36 @@ def fail(message: str, status: int = EXIT_FAILURE) -> NoReturn:
 def install_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send `sig` when our parent dies; False where unsupported.
 
-    The ``getppid()`` check closes the race where the parent died between
-    fork and prctl: the signal would then never come, so we leave at once.
-    The expected parent comes from the environment when the supervisor set
-    it (a parent that died before our first getppid() would go unnoticed
-    otherwise); a supervisor that is itself pid 1 is therefore no problem.
+    A parent that died before the prctl call would never send the signal,
+    so afterwards we check that it is still there: the parent has not
+    changed since before the call, and the supervisor named in the
+    environment (when a wrapper such as ``timeout`` sits between us) is
+    still alive.  A supervisor that is itself pid 1 is no special case.
     """
     if not sys.platform.startswith("linux"):
         return False
-    expected = os.environ.get(ENV_SUPERVISOR_PID, "")
-    original_parent = int(expected) if expected.isdigit() else os.getppid()
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except OSError:
         return False
-    if os.getppid() != original_parent:
-        # Re-parented already (to init or a subreaper): the supervisor is gone.
-        os._exit(EXIT_STDIN_CLOSED)
+    if os.getppid() != parent or not _supervisor_alive():
+        os._exit(EXIT_STDIN_CLOSED)  # the supervisor is already gone
+    return True
+
+
+def _supervisor_alive() -> bool:
+    expected = os.environ.get(ENV_SUPERVISOR_PID, "")
+    if not expected.isdigit():
+        return True  # not told: the getppid() check is all we have
+    try:
+        os.kill(int(expected), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
     return True
 
 
