@@ -584,6 +584,7 @@ class Scheduler:
             # Something is already on its way out; decide again once it is gone.
             return False
         victims: list[Slot] = []
+        n_left = self._loaded_count()
         for cand in self._candidates(model.name):
             victims.append(cand)
             remaining = [r for r in keep if r.slot not in victims]
@@ -593,8 +594,28 @@ class Scheduler:
             if n_left < self.max_loaded and fit.ok:
                 break
         else:
+            # Even with every candidate gone it would not fit.  When all that
+            # stays is pinned and settled, nothing will ever make room: fail
+            # now (fits_alone judges against totals and cannot see pinned
+            # models) instead of evicting for nothing and waiting forever.
+            stay = [s for s in self.slots.values() if s.name != model.name and s not in victims]
+            if stay and all(s.model.pinned and not s.loading and not s.draining for s in stay):
+                pinned = ", ".join(repr(s.name) for s in sorted(stay, key=lambda s: s.name))
+                if n_left >= self.max_loaded:
+                    error: HoshikageError = ModelLoadError(
+                        f"model '{model.name}' cannot be loaded: max_loaded_models is {self.max_loaded} "
+                        f"and the pinned models {pinned} stay loaded"
+                    )
+                else:
+                    error = InsufficientMemory(
+                        f"model '{model.name}' does not fit beside the pinned models {pinned}: {fit.reason}",
+                        needed=fit.needed, available=fit.available,
+                    )
+                self._fail_model(model, error)
+                return True
             if not victims:
-                # Everything else is pinned or still loading: wait for a change.
+                # What stays is still loading, or RAM is short for the moment:
+                # wait for a change.
                 return False
         for v in victims:
             log.info(
