@@ -758,3 +758,45 @@ async def test_load_proceeds_after_the_recovery_timeout(make_server, http, fake_
     # The memory is still held: b was placed on what was free, the CPU.
     assert h.spawner.of("b")[0].spec.n_gpu_layers == 0
 
+
+
+# ------------------------------------------------------------------ what can never load
+
+
+def cpu_plan(demo_model, **model):
+    """The planner's plan for a model on the demo GGUF, on a GPU-less machine."""
+    from hoshikage_sup.config import parse_config
+    from hoshikage_sup.planner import MemoryPlanner
+    from hoshikage_sup.scheduler import RunnerOptions
+
+    cfg = parse_config({"models": {"m": {"path": str(demo_model), "n_ctx": 256, **model}}})
+    m = cfg.models["m"]
+    return MemoryPlanner(cfg, SimulatedSource(system_total=64 * GiB)).plan(m, RunnerOptions.for_model(m), [])
+
+
+async def test_no_room_beside_pinned_models_is_an_error_not_a_wait(make_server, http, demo_model):
+    from hoshikage_sup.durations import format_size
+    from hoshikage_sup.memory import RunnerFootprint, usage
+
+    plan = cpu_plan(demo_model)
+    one = RunnerFootprint(plan.weights_key, plan.weights_cpu, plan.cpu_bytes)
+    alone, two = usage([one]).cpu_bytes, usage([one, one]).cpu_bytes
+    limit = (alone + two) // 2  # x fits alone, not beside the pinned p
+    h = await make_server({"p": {"pinned": True, "preload": True}, "x": {}},
+                          memory={"limit": limit, "system_reserve": 0})
+    await wait_until(lambda: ready_pids(h.scheduler, "p"), what="the preloaded model")
+    status, body, _ = await asyncio.wait_for(post(http, h.url, chat_body("x")), 20)
+    assert status == 507
+    message = assert_openai_error(body, contains="pinned")
+    assert format_size(limit - alone) in message  # what the limit leaves beside p
+    assert loaded(h.scheduler) == {"p"} and not h.scheduler.pending
+
+
+async def test_no_model_slot_beside_pinned_models_is_an_error_not_a_wait(make_server, http):
+    h = await make_server({"p": {"pinned": True, "preload": True}, "x": {}}, server={"max_loaded_models": 1})
+    await wait_until(lambda: ready_pids(h.scheduler, "p"), what="the preloaded model")
+    status, body, _ = await asyncio.wait_for(post(http, h.url, chat_body("x")), 20)
+    assert status >= 500
+    assert_openai_error(body, contains="max_loaded_models")
+    assert "'p'" in body["error"]["message"]
+    assert loaded(h.scheduler) == {"p"} and not h.scheduler.pending
