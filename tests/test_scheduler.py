@@ -10,6 +10,7 @@ deadlocks and are deliberately generous (the machine is small and shared).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -182,6 +183,21 @@ async def test_stream_passes_through_unbuffered_and_intact(make_server, http):
     assert {c["model"] for c in chunks} == {"m"}
 
 
+async def test_client_leaving_mid_stream_frees_the_runner(make_server, http):
+    h = await make_server({"m": {}})
+    sched = h.scheduler
+    # 2000 tokens at 50 ms: the whole stream would outlast DEADLINE.
+    body = chat_body("m", stream=True, fake={"tokens": 2000, "delay": 0.05})
+    async with http.post(h.url + "/v1/chat/completions", json=body) as r:
+        assert await SSE(r).next()
+        assert sched.slots["m"].refcount == 1
+    # The client left: the lease comes back, and the runner stopped generating
+    # (it serves one request at a time, so the next one would wait otherwise).
+    await wait_until(lambda: sched.slots["m"].refcount == 0, what="the lease to be released")
+    assert (await chat(http, h.url, "m", fake={"tokens": 2}))["model"] == "m"
+    assert len(h.spawner.processes) == 1
+
+
 async def test_completion_stream_ends_with_done(make_server, http):
     h = await make_server({"m": {}})
     body = {"model": "m", "prompt": "x", "stream": True, "fake": {"text": ["a", "b", "c"]}}
@@ -283,6 +299,12 @@ async def test_request_errors_have_the_openai_shape(make_server, http):
     # None of the bad requests loaded anything.
     assert loaded(h.scheduler) == {"emb"}
 
+    # An error from the runner itself comes back as the runner gave it.
+    status, body, _ = await post(http, h.url, chat_body("m", fake={"fail": 422}))
+    assert status == 422
+    assert_openai_error(body, contains="fake failure")
+    assert (await chat(http, h.url, "m"))["model"] == "m"
+
 
 async def test_load_failure_carries_the_runners_error(make_server, http):
     h = await make_server({"bad": {}, "good": {}}, model_env={"bad": {"FAKE_LOAD_FAIL": "tensor 'blk.7' is corrupt"}})
@@ -316,6 +338,16 @@ async def test_crash_mid_request_gives_502_and_the_replica_is_restarted(make_ser
     assert new != old and pid_gone(old)
     assert (await chat(http, h.url, "m"))["model"] == "m"
     assert ready_pids(sched, "m") == [new]
+
+
+async def test_a_runner_that_keeps_crashing_is_restarted_three_times_then_left(make_server, http):
+    h = await make_server({"m": {"preload": True}}, model_env={"m": {"FAKE_CRASH_AFTER": "0.3"}})
+    sched = h.scheduler
+    await wait_until(lambda: sched.counters["crashes"] == 4 and "m" not in sched.slots,
+                     what="the fourth crash to leave the model unloaded")
+    assert sched.counters["restarts"] == 3 and sched.counters["requests"] == 1  # the preload only
+    await asyncio.sleep(0.5)
+    assert len(h.spawner.processes) == 4 and "m" not in sched.slots
 
 
 async def test_crash_mid_stream_ends_the_stream_with_an_error_event(make_server, http):
@@ -364,6 +396,12 @@ class Stream:
     async def finished(self) -> "Stream":
         await asyncio.wait_for(self.task, DEADLINE)
         return self
+
+    async def leave(self) -> None:
+        """The client goes away mid-stream."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
     def complete(self) -> bool:
         """Every token arrived, then [DONE]: the runner was not stopped under it."""
@@ -449,7 +487,7 @@ async def test_loaded_models_are_served_while_a_load_waits_for_a_drain(make_serv
     h = await make_server({"a": {}, "b": {}, "c": {"pinned": True}}, server={"max_loaded_models": 2})
     sched = h.scheduler
     await chat(http, h.url, "c")
-    s = await Stream(http, h.url, "a", tokens=25, delay=0.1).started()
+    s = await Stream(http, h.url, "a", tokens=2000, delay=0.05).started()  # outlasts the test
     b = asyncio.create_task(timed_chat(http, h.url, "b"))
     await wait_until(lambda: sched.slots["a"].draining == "evict", what="a to be marked for eviction")
     for _ in range(3):
@@ -457,9 +495,9 @@ async def test_loaded_models_are_served_while_a_load_waits_for_a_drain(make_serv
         # c answered while b still waits behind a's stream.
         assert s.done_at is None and not b.done()
         assert any(p.model.name == "b" for p in sched.pending)
+    await s.leave()  # a's client goes: a drains, b loads
     await asyncio.wait_for(b, DEADLINE)
-    await s.finished()
-    assert s.complete()
+    assert loaded(sched) == {"b", "c"}
 
 
 async def test_victim_that_keeps_receiving_requests_cannot_stall_an_eviction(make_server, http):
@@ -486,8 +524,8 @@ async def test_victim_that_keeps_receiving_requests_cannot_stall_an_eviction(mak
 # Which model client i asks for.  With more models in use than fit, each
 # request for a model that is not loaded costs a load (the victim is drained
 # with its own queue behind it), so x and y get few requests and z most: the
-# mix still keeps all three models contended, at a dozen loads, not forty.
-PATTERN = "zxzzyzzzzz"
+# mix still keeps all three models contended, at a few loads, not forty.
+PATTERN = "zzzzxzzzzzzzzzyzzzzz"
 
 
 async def test_many_clients_over_three_models(make_server, http):
@@ -538,8 +576,9 @@ async def test_parallel_replicas_serve_concurrent_requests(make_server, http):
     h = await make_server({"m": {"parallel": 2}})
     sched = h.scheduler
     seen: set[tuple[int, ...]] = set()
-    s1 = await Stream(http, h.url, "m", tokens=25, delay=0.1).started()
-    s2 = Stream(http, h.url, "m", tokens=20, delay=0.1)
+    # Both streams outlast the test (the second replica has to load meanwhile).
+    s1 = await Stream(http, h.url, "m", tokens=2000, delay=0.05).started()
+    s2 = Stream(http, h.url, "m", tokens=2000, delay=0.05)
 
     def both_busy() -> bool:
         busy = [r for r in sched.slots["m"].replicas if r.state == "ready" and r.inflight == 1]
@@ -549,17 +588,18 @@ async def test_parallel_replicas_serve_concurrent_requests(make_server, http):
         return False
 
     await wait_until(both_busy, what="two replicas serving at once")
-    await s1.finished()
-    await s2.finished()
-    assert s1.complete() and s2.complete()
     [pids] = seen
     assert len(set(pids)) == 2
+    await s2.started()  # and its tokens flow
+    await s1.leave()
+    await s2.leave()
+    await wait_until(lambda: sched.slots["m"].refcount == 0, what="both leases back")
 
 
 async def test_queue_limit_and_disconnect_while_waiting(make_server, http):
     h = await make_server({"m": {}}, server={"max_queue": 2})
     sched = h.scheduler
-    running = await Stream(http, h.url, "m", tokens=20, delay=0.1).started()
+    running = await Stream(http, h.url, "m", tokens=2000, delay=0.05).started()  # outlasts the test
     w1 = asyncio.create_task(chat(http, h.url, "m", fake={"tokens": 1}))
     await wait_until(lambda: sched.queue_depth() == 1, what="first waiter")
     w2 = asyncio.create_task(chat(http, h.url, "m", fake={"tokens": 1}))
@@ -576,8 +616,7 @@ async def test_queue_limit_and_disconnect_while_waiting(make_server, http):
     w1.cancel()
     await wait_until(lambda: sched.queue_depth() == 0, what="the queue to empty")
     assert sched.slots["m"].refcount == 1  # only the running stream holds the runner
-    await running.finished()
-    assert running.complete()
+    await running.leave()
     await sched.wait_idle(10)
     assert sched.slots["m"].refcount == 0 and not sched.pending
     assert (await chat(http, h.url, "m"))["model"] == "m"
