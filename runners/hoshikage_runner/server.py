@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import Any
 
-import llama_cpp  # noqa: F401 - imported here so a spare runner pays for it ahead of time
+import llama_cpp  # imported here so a spare runner pays for it ahead of time
 import llama_cpp.server.app as llama_app
 import uvicorn
 from fastapi import FastAPI
@@ -51,9 +51,13 @@ def _one_line(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Keys of the settings line that are ours, not llama_cpp.server ModelSettings fields.
+OWN_KEYS = ("fd", "pooling_type")
+
+
 def model_settings(settings: dict[str, Any]) -> ModelSettings:
-    """Validate the settings line (minus ``fd``) as llama_cpp.server ``ModelSettings``."""
-    fields = {k: v for k, v in settings.items() if k != "fd"}
+    """Validate the settings line (minus our own keys) as llama_cpp.server ``ModelSettings``."""
+    fields = {k: v for k, v in settings.items() if k not in OWN_KEYS}
     try:
         return ModelSettings(**fields)
     except ValidationError as e:
@@ -85,10 +89,33 @@ def add_health_route(app: FastAPI, alias: str) -> None:
     app.add_api_route("/health", health, methods=["GET"], include_in_schema=False)
 
 
+def use_pooling(pooling_type: int | None) -> None:
+    """Make llama_cpp.server build its ``Llama`` with this pooling type.
+
+    ``ModelSettings`` has no pooling field, and a generative GGUF declares no
+    pooling of its own, so its embeddings come back as one vector per token.
+    For an embedding runner the supervisor asks for mean pooling: one vector
+    per input, as OpenAI and Ollama clients expect.  llama_cpp.server looks
+    ``llama_cpp.Llama`` up when it loads the model, so a subclass installed
+    here (in the runner process only) is what it builds.
+    """
+    if pooling_type is None:
+        return
+    base = llama_cpp.Llama
+
+    class PooledLlama(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("pooling_type", pooling_type)
+            super().__init__(*args, **kwargs)
+
+    llama_cpp.Llama = PooledLlama  # type: ignore[misc]
+
+
 def build_app(settings: dict[str, Any]) -> FastAPI:
     """Load the model (synchronously, as create_app does) and return the app with /health."""
     _scrub_settings_environment()
     model = model_settings(settings)
+    use_pooling(settings.get("pooling_type"))
     try:
         app = llama_app.create_app(server_settings=server_settings(), model_settings=[model])
     except Exception as e:  # noqa: BLE001 - a load failure of any kind is reported, not raised

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .config import Config, ModelConfig
 from .devices import DeviceSource, GpuInfo
 from .durations import format_size
-from .gguf import ModelInfo, load_model_info
+from .gguf import ModelInfo, load_model_info, read_gguf
 from .logs import get_logger
 from .memory import RunnerFootprint, place, usage, wait_for_recovery
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = get_logger("hoshikage.memory")
 
 QUANTIZED = ("q8_0", "q4_0")
+POOLING_MEAN = 1  # llama.cpp's LLAMA_POOLING_TYPE_MEAN
 
 
 class MemoryPlanner:
@@ -100,8 +101,17 @@ class MemoryPlanner:
             gpu_bytes={i: b for i, b in placement.gpu_bytes.items() if b > 0},
             weights_key=str(model.path),
             weights_cpu=est.weights_cpu,
+            pooling_type=self._pooling(model, info),
             detail={"estimate": est, "layers": info.block_count},
         )
+
+    def _pooling(self, model: ModelConfig, info: ModelInfo) -> int | None:
+        """Mean pooling for an embedding runner whose GGUF declares none (a
+        generative model): otherwise llama.cpp answers one vector per token."""
+        if not model.embedding:
+            return None
+        declared = read_gguf(model.path).metadata.get(f"{info.architecture}.pooling_type")
+        return None if declared else POOLING_MEAN
 
     def _gpus_after(self, released: list["Replica"]) -> list[GpuInfo]:
         """GPUs as they will be once the released replicas have stopped."""

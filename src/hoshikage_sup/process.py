@@ -96,6 +96,9 @@ class RunnerSpec:
     embedding: bool = False
     # llama_cpp.server defaults this to True; see `settings` for why we do not.
     logits_all: bool = False
+    # llama.cpp's enum llama_pooling_type (1 = mean); None = the model's own.
+    # Not a ModelSettings field: the runner applies it itself.
+    pooling_type: int | None = None
 
     def settings(self, fd: int) -> dict[str, Any]:
         """The JSON line sent to the child: llama_cpp.server ``ModelSettings`` fields plus ``fd``.
@@ -132,6 +135,7 @@ class RunnerSpec:
             "use_mmap": True,
             "use_mlock": False,
             "logits_all": self.logits_all,
+            "pooling_type": self.pooling_type,
             "verbose": True,
             "fd": fd,
         }

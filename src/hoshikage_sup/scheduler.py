@@ -104,6 +104,7 @@ class LoadPlan:
     gpu_bytes: dict[int, int]
     weights_key: str  # replicas with the same key share mmap'd weights on CPU
     weights_cpu: int = 0
+    pooling_type: int | None = None  # embedding runners of models without pooling: mean
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -680,6 +681,7 @@ class Scheduler:
             type_v=CACHE_TYPE_IDS[plan.cache_type_v] if plan.cache_type_v != "f16" else None,
             chat_format=m.chat_format,
             embedding=m.embedding,
+            pooling_type=plan.pooling_type,
         )
 
     def _default_spawn(self, spec: RunnerSpec, index: int) -> RunnerProcess:
