@@ -660,6 +660,75 @@ async def test_other_runner_options_reload_after_draining(make_server, http):
         assert up.status == 200 and up.lease.replica.process.pid == result["pid"]
 
 
+async def test_a_smaller_context_is_served_by_a_larger_runner(make_server, http):
+    # Reloading for every num_ctx difference is the thrashing Ollama users know:
+    # a request that asks for less context than the runner has is served by it.
+    h = await make_server({"m": {"n_ctx": 512}})
+    sched, gw = h.scheduler, h.gateway
+
+    async def pid_for(n_ctx: int) -> int:
+        req = InferenceRequest(model="m", kind="chat", body=chat_body("m", fake={"tokens": 1}),
+                               runner_options={"n_ctx": n_ctx})
+        async with gw.open(req) as up:
+            assert up.status == 200
+            await up.read()
+            return up.lease.replica.process.pid
+
+    small = await pid_for(512)
+    big = await pid_for(2048)  # more context than loaded: reload
+    assert big != small and sched.slots["m"].options.n_ctx == 2048
+    assert await pid_for(1024) == big  # less: the larger runner serves it
+    assert await pid_for(512) == big
+    assert (await chat(http, h.url, "m"))["model"] == "m"  # the model's own n_ctx (512) too
+    assert ready_pids(sched, "m") == [big] and sched.counters["reloads"] == 1
+
+
+async def test_a_victim_with_a_queue_goes_after_one_without(make_server, http):
+    # Both loaded models are busy; one also has a request waiting.  Evicting
+    # that one would only mean loading it again next, so the other goes.
+    h = await make_server({"a": {"keep_alive": "1m"}, "b": {"keep_alive": "10m"}, "c": {}},
+                          server={"max_loaded_models": 2})
+    sched = h.scheduler
+    sa = await Stream(http, h.url, "a", tokens=30, delay=0.05).started()
+    sb = await Stream(http, h.url, "b", tokens=30, delay=0.05).started()
+    queued_a = asyncio.create_task(chat(http, h.url, "a", fake={"tokens": 1}))
+    await wait_until(lambda: sched.queue_depth() == 1, what="a request queued for a")
+    c = asyncio.create_task(chat(http, h.url, "c", fake={"tokens": 1}))
+    await wait_until(lambda: any(s.draining for s in sched.slots.values()), what="a victim")
+    # a has the shorter session, but a request waits for it: b is drained.
+    assert sched.slots["b"].draining == "evict" and sched.slots["a"].draining is None
+    await asyncio.wait_for(asyncio.gather(queued_a, c), DEADLINE)
+    await sa.finished()
+    await sb.finished()
+    assert sa.complete() and sb.complete()
+
+
+async def test_an_idle_model_expires_after_a_waiter_left_its_queue(make_server, http):
+    # The idle countdown must start whenever a model becomes idle, also when
+    # the request that was waiting for it went away instead of being served.
+    h = await make_server({"m": {"keep_alive": "300ms"}})
+    sched = h.scheduler
+    running = await Stream(http, h.url, "m", tokens=20, delay=0.05).started()
+    waiter = asyncio.create_task(chat(http, h.url, "m", fake={"tokens": 1}))
+    await wait_until(lambda: sched.queue_depth() == 1, what="a waiter")
+    waiter.cancel()
+    await wait_until(lambda: sched.queue_depth() == 0, what="the waiter to leave")
+    await running.finished()
+    [pid] = [p.pid for p in h.spawner.processes]
+    await wait_until(lambda: "m" not in sched.slots, timeout=10, what="the idle model to expire")
+    await wait_until(lambda: pid_gone(pid), timeout=10, what="its runner to exit")
+
+
+async def test_loading_a_model_is_not_counted_as_serving(make_server, http):
+    h = await make_server({"m": {}})
+    for _ in range(3):
+        await h.gateway.load("m")
+    [replica] = h.scheduler.slots["m"].replicas
+    assert replica.served == 0 and replica.inflight == 0
+    await chat(http, h.url, "m")
+    assert replica.served == 1
+
+
 # ------------------------------------------------------------------ GPUs (simulated)
 
 MiB = 2**20

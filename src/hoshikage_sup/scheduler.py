@@ -75,6 +75,20 @@ class RunnerOptions:
             o = replace(o, **{k: v for k, v in overrides.items() if v is not None})
         return o
 
+    def serves(self, wanted: "RunnerOptions") -> bool:
+        """Can a runner loaded with these options serve a request that wants
+        `wanted`?  Yes when they are equal, and also when only the context
+        differs and ours is the larger: a smaller num_ctx fits in a larger
+        context, and reloading for it is the thrashing Ollama users know
+        (ollama#12783)."""
+        if self == wanted:
+            return True
+        return (
+            wanted.n_ctx > 0
+            and self.n_ctx >= wanted.n_ctx
+            and replace(self, n_ctx=wanted.n_ctx) == wanted
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "n_ctx": self.n_ctx,
@@ -207,6 +221,7 @@ class Slot:
         self.draining: str | None = None
         self.expires_at: float | None = None  # wall-clock time, for the APIs
         self.timer: Any = None
+        self.armed = False  # the idle countdown is set (or the session is forever)
         self.restarts: list[float] = []
         self.created = time.time()
         self.last_used = time.monotonic()
@@ -248,6 +263,7 @@ class Lease:
     queued: float  # seconds spent waiting in the queue (load included)
     load_duration: float  # seconds of that spent loading a runner for this request
     released: bool = False
+    load_only: bool = False  # held only to learn the model is loaded; served nothing
 
     @property
     def base_url(self) -> str:
@@ -365,15 +381,9 @@ class Scheduler:
         lease.released = True
         r = lease.replica
         r.inflight -= 1
-        r.served += 1
-        slot = r.slot
-        slot.last_used = time.monotonic()
-        # A slot with requests waiting for it is not idle: this same pass hands
-        # it the next one (as in _load), so a keep_alive of 0 does not unload it
-        # under its own queue.
-        waiting = any(q.model.name == slot.name and not q.future.done() for q in self.pending)
-        if slot.refcount == 0 and not slot.draining and not waiting:
-            self._arm_expiry(slot)
+        if not lease.load_only:
+            r.served += 1
+        r.slot.last_used = time.monotonic()
         self._schedule()
 
     def unload(self, name: str) -> bool:
@@ -389,9 +399,8 @@ class Scheduler:
         slot = self.slots.get(name)
         if slot is not None and not slot.model.pinned:
             slot.session = keep_alive
-            if slot.refcount == 0 and not slot.draining:
-                self._arm_expiry(slot)
-                self._schedule()
+            self._cancel_expiry(slot)  # the pass arms it again with the new session
+            self._schedule()
 
     def preload(self, model: ModelConfig) -> asyncio.Task:
         """Load a model at start-up (`preload = true`) without holding it."""
@@ -488,7 +497,7 @@ class Scheduler:
             if slot is not None and slot.draining:
                 self._maybe_stop(slot)
                 continue
-            if slot is not None and slot.options != p.options:
+            if slot is not None and not slot.options.serves(p.options):
                 # Runner options differ (for example num_ctx): reload after it drains.
                 self.counters["reloads"] += 1
                 self._drain(slot, "reload")
@@ -511,9 +520,16 @@ class Scheduler:
                 continue
             if not self._try_load(p):
                 loads_blocked = True
+        # Idle countdowns start here, for every slot at once: a slot is idle
+        # when it is ready, holds no lease and no request waits for it (a
+        # queued request is handed the runner in this same pass, so keep_alive
+        # 0 never unloads a model under its own queue).
+        waiting = {p.model.name for p in self.pending}
         for slot in list(self.slots.values()):
             if slot.draining:
                 self._maybe_stop(slot)
+            elif not slot.armed and slot.refcount == 0 and slot.ready and slot.name not in waiting:
+                self._arm_expiry(slot)
 
     def _pick_replica(self, slot: Slot) -> Replica | None:
         free = [r for r in slot.replicas if r.available]
@@ -526,7 +542,7 @@ class Scheduler:
         if r is None:  # load-only request: no replica is held
             slot = self.slots[p.model.name]
             r = next(x for x in slot.replicas if x.state == "ready")
-            lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load)
+            lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load, load_only=True)
             r.inflight += 1
         else:
             r.inflight += 1
@@ -548,13 +564,18 @@ class Scheduler:
     # ------------------------------------------------------------ loading
 
     def _candidates(self, exclude: str) -> list[Slot]:
-        """Eviction order: idle first, shortest session first, then name; "forever"
-        sessions sort last; pinned and loading slots never go."""
+        """Eviction order: idle first, then those no request is waiting for
+        (evicting a model with a queue only means loading it again next),
+        then shortest session first, "forever" last, then name.  Pinned,
+        loading and already draining slots are not candidates."""
+        waiting = {p.model.name for p in self.pending}
         out = [
             s for s in self.slots.values()
             if s.name != exclude and not s.model.pinned and not s.loading and not s.draining
         ]
-        return sorted(out, key=lambda s: (s.refcount > 0, s.session == FOREVER, s.session, s.name))
+        return sorted(
+            out, key=lambda s: (s.refcount > 0, s.name in waiting, s.session == FOREVER, s.session, s.name)
+        )
 
     def _try_load(self, p: Pending) -> bool:
         """Decide a load for `p`.  Returns False when later loads must wait."""
@@ -730,8 +751,6 @@ class Scheduler:
             estimate_cpu=r.plan.cpu_bytes, measured_cpu=r.measured.rss if r.measured else None,
             estimate_gpu=r.plan.gpu_bytes, measured_gpu=r.measured.gpu if r.measured else None,
         )
-        if r.slot.refcount == 0 and not any(q.model.name == r.slot.name for q in self.pending):
-            self._arm_expiry(r.slot)
         self._schedule()
 
     def _fail_model(self, model: ModelConfig, error: HoshikageError) -> None:
@@ -744,6 +763,7 @@ class Scheduler:
 
     def _arm_expiry(self, slot: Slot) -> None:
         self._cancel_expiry(slot)
+        slot.armed = True
         if slot.session == FOREVER or slot.model.pinned:
             slot.expires_at = None
             return
@@ -762,6 +782,7 @@ class Scheduler:
             slot.timer.cancel()
             slot.timer = None
         slot.expires_at = None
+        slot.armed = False
 
     def _expire(self, slot: Slot) -> None:
         slot.timer = None
