@@ -198,6 +198,24 @@ async def test_client_leaving_mid_stream_frees_the_runner(make_server, http):
     assert len(h.spawner.processes) == 1
 
 
+async def test_client_leaving_a_non_streaming_request_keeps_the_runner_leased(make_server, http):
+    # llama_cpp.server finishes a non-streaming generation whatever the client
+    # does: until it has, its runner is busy and must not be handed out.
+    h = await make_server({"m": {}})
+    sched = h.scheduler
+    gone = asyncio.create_task(post(http, h.url, chat_body("m", fake={"tokens": 20, "delay": 0.05})))
+    await wait_until(lambda: "m" in sched.slots and sched.slots["m"].refcount == 1, what="the request to start")
+    gone.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await gone
+    nxt = asyncio.create_task(chat(http, h.url, "m", fake={"tokens": 1}))
+    await wait_until(lambda: sched.queue_depth() == 1, what="the next request to queue")
+    assert sched.slots["m"].refcount == 1  # still held for the abandoned generation
+    assert (await asyncio.wait_for(nxt, DEADLINE))["model"] == "m"
+    await sched.wait_idle(10)
+    assert sched.slots["m"].refcount == 0 and len(h.spawner.processes) == 1
+
+
 async def test_completion_stream_ends_with_done(make_server, http):
     h = await make_server({"m": {}})
     body = {"model": "m", "prompt": "x", "stream": True, "fake": {"text": ["a", "b", "c"]}}

@@ -145,6 +145,7 @@ class Gateway:
         self.config = config
         self.scheduler = scheduler
         self.session = session
+        self._detached: set[asyncio.Task] = set()  # requests whose client left before the runner answered
 
     def resolve(self, name: Any) -> ModelConfig:
         if not isinstance(name, str) or not name:
@@ -175,10 +176,19 @@ class Gateway:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             lease = await self.scheduler.acquire(model, options, req.keep_alive)
             dead_before = lease.replica.process.returncode is not None
+            post = asyncio.ensure_future(self.session.post(lease.base_url + path, json=body, timeout=timeout))
             try:
-                response = await self.session.post(lease.base_url + path, json=body, timeout=timeout)
+                response = await asyncio.shield(post)
             except asyncio.CancelledError:
-                self.scheduler.release(lease)
+                # The client went away before the runner answered.  A stream
+                # stops when its connection closes; a non-streaming generation
+                # runs to its end inside the runner whatever we do, so the
+                # runner stays leased until it has really finished.
+                if body.get("stream"):
+                    post.cancel()
+                    self.scheduler.release(lease)
+                else:
+                    self._hold_until_done(post, lease)
                 raise
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 self.scheduler.release(lease)
@@ -204,6 +214,22 @@ class Gateway:
                 response.close()
                 self.scheduler.release(lease)
             return
+
+    def _hold_until_done(self, post: "asyncio.Future[aiohttp.ClientResponse]", lease: Lease) -> None:
+        async def finish() -> None:
+            try:
+                response = await post
+                with contextlib.suppress(Exception):
+                    await response.read()
+                response.close()
+            except Exception:  # the runner died or timed out: the lease goes back all the same
+                pass
+            finally:
+                self.scheduler.release(lease)
+
+        task = asyncio.ensure_future(finish())
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
 
     async def _settle(self, lease: Lease) -> None:
         await _settle(lease)
