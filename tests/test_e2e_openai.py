@@ -236,6 +236,23 @@ def test_embeddings_are_one_vector_of_floats_per_input(server_log):
     assert len(vector) > 0 and all(isinstance(x, float) for x in vector)
 
 
+def test_bad_requests_are_400s_naming_the_field(server_log):
+    # llama_cpp.server itself answers these with a 500; the runner classifies them.
+    client = server_log.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gemma", messages=MESSAGES, max_tokens="many")  # type: ignore[arg-type]
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == "max_tokens" and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="gemma", prompt="Hi", max_tokens=2, logprobs=2)
+    assert "logprobs" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="gemma", prompt="word " * 3000, max_tokens=2)
+    assert e.value.body["code"] == "context_length_exceeded"
+    # The runner is unharmed.
+    assert client.completions.create(model="gemma", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
 def test_unknown_model_is_not_found(server_log):
     with pytest.raises(openai.NotFoundError) as e:
         server_log.client().chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=2)

@@ -15,8 +15,10 @@ from typing import Any
 
 import llama_cpp  # imported here so a spare runner pays for it ahead of time
 import llama_cpp.server.app as llama_app
+import llama_cpp.server.errors as llama_errors
 import uvicorn
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import ValidationError
 
@@ -111,11 +113,49 @@ def use_pooling(pooling_type: int | None) -> None:
     llama_cpp.Llama = PooledLlama  # type: ignore[misc]
 
 
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    """"max_tokens: Input should be a valid integer" and the field, from FastAPI's error."""
+    parts, param = [], None
+    for item in error.errors():
+        loc = [str(x) for x in item.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or "body"
+        param = param or field
+        parts.append(f"{field}: {item.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts), param
+
+
+def classify_request_errors() -> None:
+    """Answer a bad request with 400, not 500.
+
+    llama_cpp.server's route class turns every exception into a 500
+    "internal_server_error", including FastAPI's own request validation
+    (a string where max_tokens wants an integer) and the ValueErrors llama.cpp
+    raises for what a request asks (logprobs without logits_all, a prompt
+    that does not fit).  Those are the client's to fix: 400 with an OpenAI
+    "invalid_request_error" naming the field.  Its own patterns (context
+    length exceeded) and real failures keep their handling.
+    """
+    handler = llama_errors.RouteErrorHandler
+    original = handler.error_message_wrapper
+
+    def error_message_wrapper(self: Any, error: Exception, body: Any = None) -> tuple[int, Any]:
+        if isinstance(error, RequestValidationError):
+            message, param = _validation_message(error)
+            return 400, llama_errors.ErrorResponse(message=message, type="invalid_request_error", param=param, code=None)
+        known = any(p.search(str(error)) for p in self.pattern_and_formatters)
+        if isinstance(error, ValueError) and not known:
+            return 400, llama_errors.ErrorResponse(message=str(error), type="invalid_request_error", param=None, code=None)
+        return original(self, error, body)
+
+    handler.error_message_wrapper = error_message_wrapper  # type: ignore[method-assign]
+
+
 def build_app(settings: dict[str, Any]) -> FastAPI:
     """Load the model (synchronously, as create_app does) and return the app with /health."""
     _scrub_settings_environment()
     model = model_settings(settings)
     use_pooling(settings.get("pooling_type"))
+    classify_request_errors()
     try:
         app = llama_app.create_app(server_settings=server_settings(), model_settings=[model])
     except Exception as e:  # noqa: BLE001 - a load failure of any kind is reported, not raised
