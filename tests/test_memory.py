@@ -161,6 +161,23 @@ def test_logits_all_costs_n_ctx_rows_of_vocabulary(demo_model: Path) -> None:
     assert on.compute_cpu == int(514.5 * MiB)  # the whole reserve gets touched
 
 
+@pytest.mark.parametrize(("n_batch", "llama_cpp_mib"), [(128, 128.31), (512, 256.62), (1024, 256.62)])
+def test_embedding_output_buffer_matches_llama_cpp(demo_model: Path, n_batch: int, llama_cpp_mib: float) -> None:
+    """An embedding context reserves min(n_batch, 256) output rows of logits + embeddings
+    (llama.cpp's "CPU output buffer size" line for the demo model, llama-cpp-python 0.3.36)."""
+    info = load_model_info(demo_model)
+    e = estimate(info, n_ctx=2048, n_batch=n_batch, n_gpu_layers=0, logits_all=False, embedding=True)
+    assert round(e.logits_cpu / MiB, 2) == llama_cpp_mib
+    plain = estimate(info, n_ctx=2048, n_batch=n_batch, n_gpu_layers=0, logits_all=False)
+    assert plain.logits_cpu == 262144 * 4  # one row of logits: llama.cpp's 1.00 MiB
+
+
+def test_demo_embedding_runner_estimate_is_near_measured_rss(demo_model: Path) -> None:
+    """The demo model as an embedding runner (n_ctx 512, mean pooling): 634.7 MiB RSS measured."""
+    e = estimate(load_model_info(demo_model), n_ctx=512, n_gpu_layers=0, logits_all=False, embedding=True)
+    assert abs(e.cpu_bytes / MiB - 634.7) / 634.7 < 0.1
+
+
 # ------------------------------------------------------------------ weights and layers
 
 

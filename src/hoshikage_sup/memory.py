@@ -75,6 +75,8 @@ KV_CACHE_TYPES: dict[str, tuple[int, int]] = {
 
 # llama.cpp pads the context (KV cells) to a multiple of this.
 N_CTX_PAD = 256
+# Output rows an embedding context reserves at most when it is created.
+EMBEDDING_OUTPUT_ROWS = 256
 
 # Resident memory of a llama_cpp.server process that does not depend on the
 # model: CPython + numpy + FastAPI/uvicorn + the llama.cpp/ggml libraries
@@ -241,6 +243,7 @@ def estimate(
     tensor_split: Sequence[float] | None = None,
     flash_attn: bool = False,
     logits_all: bool = True,
+    embedding: bool = False,
 ) -> Estimate:
     """Estimate a runner's memory.
 
@@ -284,7 +287,13 @@ def estimate(
     vocab = info.vocab_size or 0
     # Host-side logits: llama.cpp's output buffer (one row per output of a
     # batch) and, with logits_all, llama-cpp-python's n_ctx × n_vocab scores.
-    logits_cpu = vocab * F32 * (n_batch if logits_all else 1)
+    # An embedding context reserves min(n_batch, 256) rows of logits plus
+    # embeddings up front (llama.cpp logs 128.31 MiB at n_batch 128 and
+    # 256.62 MiB from 512 up for Gemma 3's 262k vocabulary), all resident.
+    if embedding:
+        logits_cpu = (vocab + info.embedding_length) * F32 * min(n_batch, EMBEDDING_OUTPUT_ROWS)
+    else:
+        logits_cpu = vocab * F32 * (n_batch if logits_all else 1)
     if logits_all:
         logits_cpu += cells * vocab * F32
     outputs_in_use = n_ubatch if logits_all else 1
@@ -376,6 +385,7 @@ def place(
     parallel_slots: int = 1,
     flash_attn: bool = False,
     logits_all: bool = True,
+    embedding: bool = False,
 ) -> Placement:
     """Decide n_gpu_layers and the tensor split.
 
@@ -395,6 +405,7 @@ def place(
         parallel_slots=parallel_slots,
         flash_attn=flash_attn,
         logits_all=logits_all,
+        embedding=embedding,
     )
     n_layers = info.block_count
     avail = {g.index: max(g.free - gpu_overhead, 0) for g in gpus}

@@ -88,6 +88,7 @@ class MemoryPlanner:
             flash_attn=flash,
             # runners start with logits_all off (RunnerSpec): estimate the same
             logits_all=False,
+            embedding=model.embedding,
         )
         est = placement.estimate
         return LoadPlan(
