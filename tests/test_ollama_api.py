@@ -24,6 +24,7 @@ import pytest
 
 from hoshikage_sup.api import ollama_shapes as shapes
 from hoshikage_sup.config import ModelConfig
+from httputil import post_json
 
 DEADLINE = 60.0
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
@@ -70,14 +71,7 @@ async def srv(make_server):
 
 
 async def post(http, url: str, path: str, body: Any) -> tuple[int, Any, Any]:
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    async with http.post(url + path, data=data) as r:
-        raw = await r.read()
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = raw
-        return r.status, parsed, r.headers
+    return await post_json(http, url + path, body)
 
 
 async def ndjson(http, url: str, path: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:

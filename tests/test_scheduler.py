@@ -21,6 +21,7 @@ import pytest
 
 from hoshikage_sup.devices import SimulatedSource
 from hoshikage_sup.gateway import InferenceRequest
+from httputil import post_json
 
 GiB = 2**30
 DEADLINE = 60.0  # seconds: a bound against deadlocks, never a performance claim
@@ -35,14 +36,7 @@ def chat_body(model: str, text: str = "hi", **extra: Any) -> dict[str, Any]:
 
 async def post(http: aiohttp.ClientSession, url: str, body: Any, path: str = "/v1/chat/completions"):
     """POST and return (status, parsed JSON body, headers)."""
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    async with http.post(url + path, data=data, headers={"Content-Type": "application/json"}) as r:
-        raw = await r.read()
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = raw
-        return r.status, parsed, r.headers
+    return await post_json(http, url + path, body)
 
 
 async def chat(http, url, model, **extra) -> dict[str, Any]:
