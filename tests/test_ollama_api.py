@@ -368,6 +368,14 @@ async def test_ps_shape_and_keep_alive(srv, http):
     assert listed.models[0].name == "gemma" and listed.models[0].context_length == 256
 
 
+async def test_ps_shows_the_trained_context_for_n_ctx_zero(make_server, http):
+    h = await make_server({"full": {"n_ctx": 0}})
+    await post(http, h.url, "/api/generate", {"model": "full", "stream": False})
+    [entry] = await ps(http, h.url)
+    assert entry["context_length"] == 32768  # Gemma 3 270M's trained context, from the GGUF
+    assert entry["measured_bytes"] > 0
+
+
 async def test_num_ctx_change_reloads_the_runner(srv, http):
     await post(http, srv.url, "/api/generate", {"model": "gemma", "stream": False})
     [before] = await ps(http, srv.url)

@@ -412,9 +412,15 @@ class Scheduler:
         return asyncio.ensure_future(_run())
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Every loaded model, for the APIs; measured memory is read afresh
+        (RSS grows as a runner touches its mmap'd weights)."""
         out = []
         for slot in sorted(self.slots.values(), key=lambda s: s.name):
             live = [r for r in slot.replicas if r.state != "gone"]
+            for r in live:
+                if r.state == "ready":
+                    with contextlib.suppress(Exception):
+                        self.planner.measure(r)
             out.append(
                 {
                     "name": slot.name,

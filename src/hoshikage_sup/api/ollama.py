@@ -378,7 +378,8 @@ async def ps(request: web.Request) -> web.Response:
             "details": shapes.details(model, info),
             "expires_at": shapes.expires_at(entry, now),
             "size_vram": int(entry["gpu_bytes"]),
-            "context_length": entry["options"].n_ctx,
+            # the runner's real context (n_ctx 0 in the config means the trained one)
+            "context_length": entry["plans"][0].n_ctx if entry["plans"] else entry["options"].n_ctx,
             # Hoshikage's own fields
             "aliases": list(model.aliases),
             "state": entry["state"],
