@@ -24,6 +24,7 @@ import pytest
 
 from hoshikage_sup.api import ollama_shapes as shapes
 from hoshikage_sup.config import ModelConfig
+from hoshikage_sup.devices import CpuSource
 from httputil import post_json
 
 DEADLINE = 60.0
@@ -369,7 +370,7 @@ async def test_ps_shape_and_keep_alive(srv, http):
 
 
 async def test_ps_shows_the_trained_context_for_n_ctx_zero(make_server, http):
-    h = await make_server({"full": {"n_ctx": 0}})
+    h = await make_server({"full": {"n_ctx": 0}}, devices=CpuSource())  # real RSS, read with psutil
     await post(http, h.url, "/api/generate", {"model": "full", "stream": False})
     [entry] = await ps(http, h.url)
     assert entry["context_length"] == 32768  # Gemma 3 270M's trained context, from the GGUF
