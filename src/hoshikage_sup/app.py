@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from . import __version__
-from .api import openai, ollama
+from .api import metrics, ollama, openai
 from .api.common import CONTEXT, Context
 from .errors import HoshikageError, QueueFull
 from .logs import get_logger
@@ -71,4 +71,5 @@ def build_app(context: Context) -> web.Application:
     app.router.add_get("/health", health)
     openai.add_routes(app)
     ollama.add_routes(app)
+    metrics.add_routes(app)
     return app
