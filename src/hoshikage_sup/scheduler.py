@@ -22,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from .config import CACHE_TYPE_IDS, Config, ModelConfig
 from .devices import ProcessMemory
