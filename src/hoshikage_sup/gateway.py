@@ -155,9 +155,6 @@ class Gateway:
             raise ModelNotFound(name)
         return model
 
-    def options_for(self, model: ModelConfig, overrides: Mapping[str, Any] | None) -> RunnerOptions:
-        return RunnerOptions.for_model(model, overrides)
-
     @contextlib.asynccontextmanager
     async def open(self, req: InferenceRequest) -> AsyncIterator[Upstream]:
         model = self.resolve(req.model)
@@ -166,7 +163,7 @@ class Gateway:
                 f"model '{model.name}' does not serve embeddings (set embedding = true in its [models.{model.name}] table)",
                 param="model",
             )
-        options = self.options_for(model, req.runner_options)
+        options = RunnerOptions.for_model(model, req.runner_options)
         body = dict(req.body)
         body["model"] = model.name
         timeout = aiohttp.ClientTimeout(
@@ -194,7 +191,7 @@ class Gateway:
                 self.scheduler.release(lease)
                 if isinstance(e, asyncio.TimeoutError) and lease.alive:
                     raise UpstreamTimeout(f"request to model '{model.name}' exceeded request_timeout") from e
-                await self._settle(lease)
+                await _settle(lease)
                 # Only a request the runner never had is sent again: the
                 # connection was refused, the runner was dead already, or a live
                 # runner dropped an idle connection.  A runner that died with the
@@ -231,14 +228,11 @@ class Gateway:
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
 
-    async def _settle(self, lease: Lease) -> None:
-        await _settle(lease)
-
     async def load(self, name: str, keep_alive: float | None = None, runner_options: Mapping[str, Any] | None = None) -> Lease:
         """Load a model without sending it a request (Ollama's empty prompt)."""
         model = self.resolve(name)
         lease = await self.scheduler.acquire(
-            model, self.options_for(model, runner_options), keep_alive, load_only=True
+            model, RunnerOptions.for_model(model, runner_options), keep_alive, load_only=True
         )
         self.scheduler.release(lease)
         return lease

@@ -222,8 +222,6 @@ class Slot:
         self.timer: Any = None
         self.armed = False  # the idle countdown is set (or the session is forever)
         self.restarts: list[float] = []
-        self.created = time.time()
-        self.last_used = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -382,7 +380,6 @@ class Scheduler:
         r.inflight -= 1
         if not lease.load_only:
             r.served += 1
-        r.slot.last_used = time.monotonic()
         self._schedule()
 
     def unload(self, name: str) -> bool:
@@ -435,7 +432,6 @@ class Scheduler:
                     "plans": [r.plan for r in live],
                     "cpu_bytes": sum(r.footprint_cpu() for r in live),
                     "gpu_bytes": sum(sum(r.footprint_gpu().values()) for r in live),
-                    "created": slot.created,
                 }
             )
         return out
@@ -443,15 +439,24 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self.pending)
 
-    async def wait_idle(self, timeout: float) -> None:
-        """For tests and shutdown: wait until no request is pending or in flight."""
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `predicate()` holds, looking again after every scheduling
+        pass (and at least every 100 ms); False if `timeout` passes first."""
         deadline = time.monotonic() + timeout
-        while self.pending or any(s.refcount for s in self.slots.values()):
-            if time.monotonic() > deadline:
-                raise TimeoutError("scheduler did not become idle")
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 0.1)
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
+        return True
+
+    async def wait_idle(self, timeout: float) -> None:
+        """For tests and shutdown: wait until no request is pending or in flight."""
+        idle = lambda: not self.pending and not any(s.refcount for s in self.slots.values())  # noqa: E731
+        if not await self.wait_until(idle, timeout):
+            raise TimeoutError("scheduler did not become idle")
 
     async def close(self) -> None:
         """Refuse new work, fail what waits, stop every runner."""
@@ -666,10 +671,8 @@ class Scheduler:
         slot = Slot(p.model, p.options, session)
         self.slots[p.model.name] = slot
         self._launch(slot, plan, reason="request")
-        now = time.monotonic()
-        for q in self.pending:
-            if q.model.name == p.model.name and q.load_started is None:
-                q.load_started = now
+        # Later requests for this model are stamped by the pass as they meet the loading slot.
+        p.load_started = time.monotonic()
 
     def _scale_up(self, slot: Slot, p: Pending) -> None:
         keep = self._live_replicas()

@@ -46,6 +46,7 @@ from .. import __version__
 from ..durations import format_duration
 from ..errors import BadRequest, HoshikageError, RunnerFailed
 from ..gateway import InferenceRequest
+from ..scheduler import Scheduler
 from . import ollama_shapes as shapes
 from .common import ctx, keep_alive_of, read_json
 
@@ -274,15 +275,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return await call.run("chat", upstream)
 
 
-async def _wait_unloaded(scheduler: Any, name: str, timeout: float) -> None:
+async def _wait_unloaded(scheduler: Scheduler, name: str, timeout: float) -> None:
     """Let an unload finish (an idle runner stops within stop_timeout) so a
     client that asks /api/ps right after sees it gone; a busy one is not waited for."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def gone_or_busy() -> bool:
         slot = scheduler.slots.get(name)
-        if slot is None or slot.refcount > 0:
-            return
-        await asyncio.sleep(0.05)
+        return slot is None or slot.refcount > 0
+
+    await scheduler.wait_until(gone_or_busy, timeout)
 
 
 # ------------------------------------------------------------------ embeddings
