@@ -44,11 +44,14 @@ On top of that it refuses what llama.cpp accepts but then handles badly
   would be ignored silently) or lone surrogates (not encodable as UTF-8),
   and the empty string, which llama.cpp takes as "no grammar".
 
-Not covered: a grammar llama.cpp accepts can still lead, while sampling,
-to a point that no token satisfies (``[z-a]``, ``"\\x00"``, a token id the
-vocabulary does not have); llama.cpp then throws from its sampler and the
-runner aborts.  Whether that point is reached depends on the vocabulary and
-on what the model writes, so it is not a property of the text alone.
+A grammar llama.cpp accepts can still lead, while sampling, to a point
+that no token satisfies; llama.cpp then throws from its sampler and the
+runner aborts.  The ways to get there that the text itself shows are
+refused too: an empty range (``[z-a]``), an escaped NUL in a string
+(``"\\x00"``, which no token can produce) and, given ``vocab_size``, a token id the vocabulary
+does not have.  Whether some other point without a token is reached depends
+on the vocabulary and on what the model writes, so it is not a property of
+the text alone.
 
 Stdlib only: the supervisor imports this and must not load llama_cpp.
 """
@@ -100,6 +103,7 @@ _DIGITS = frozenset("0123456789")
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _SIMPLE_ESCAPES = frozenset('trn\\"[]-')
 _HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_ESCAPED = {"t": "\t", "r": "\r", "n": "\n"}
 # Characters a literal may contain without a closer look (see parse_string).
 _PLAIN_RUN = re.compile(r'[^"\\\x00]+')
 
@@ -158,13 +162,15 @@ class _Symbol:
 
 
 def check_grammar(text: str, root: str = "root", *,
-                  is_single_token: Callable[[str], bool] | None = None) -> None:
+                  is_single_token: Callable[[str], bool] | None = None,
+                  vocab_size: int | None = None) -> None:
     """Raise GrammarError unless llama.cpp would accept `text` with start rule `root`.
 
     `is_single_token` answers for ``<name>`` token references, which llama.cpp
     resolves by tokenising ``"<name>"`` with the model's vocabulary (exactly one
     token, special tokens allowed).  Without it, such references are refused
-    because a wrong one would crash the runner; ``<[id]>`` needs no vocabulary.
+    because a wrong one would crash the runner.  `vocab_size`, when known,
+    bounds ``<[id]>`` token ids (an id past the vocabulary aborts the runner).
     """
     if not isinstance(text, str):
         raise GrammarError(f"grammar must be a string, not {type(text).__name__}")
@@ -183,7 +189,7 @@ def check_grammar(text: str, root: str = "root", *,
                            *_line_column(text, nul))
     if not text:
         raise GrammarError("grammar is empty")
-    _Checker(text, is_single_token).check(root)
+    _Checker(text, is_single_token, vocab_size).check(root)
 
 
 def _line_column(text: str, pos: int) -> tuple[int, int]:
@@ -197,10 +203,12 @@ def _line_column(text: str, pos: int) -> tuple[int, int]:
 class _Checker:
     """The parser and init checks; `s` is the text with a NUL sentinel, as C sees it."""
 
-    def __init__(self, text: str, is_single_token: Callable[[str], bool] | None):
+    def __init__(self, text: str, is_single_token: Callable[[str], bool] | None, vocab_size: int | None = None):
         self.text = text
         self.s = text + _NUL
         self.is_single_token = is_single_token
+        self.vocab_size = vocab_size
+        self.last_char = 0  # the code point parse_char read last
         self.symbol_ids: dict[str, int] = {}
         self.symbols: list[_Symbol] = []
         self.rules: list[list[int] | None] = []
@@ -307,12 +315,15 @@ class _Checker:
                     end += 1
                 if end != start + size:
                     raise self.error(f"expecting {size} hex digits after '\\{kind}'", start)
+                self.last_char = int(s[start:end], 16)
                 return end
             if kind in _SIMPLE_ESCAPES:
+                self.last_char = ord(_ESCAPED.get(kind, kind))
                 return pos + 2
             raise self.error("unknown escape (known: \\x.. \\u.... \\U........ \\t \\r \\n "
                              "\\\\ \\\" \\[ \\] \\-)", pos)
         if s[pos] != _NUL:
+            self.last_char = ord(s[pos])
             return pos + 1  # one code point: llama.cpp decodes one UTF-8 sequence
         raise self.error("unexpected end of input", pos)
 
@@ -433,7 +444,11 @@ class _Checker:
             if s[pos] == _NUL:
                 line, column = _line_column(self.text, opened_at)
                 raise self.error(f"unterminated string literal (opened at line {line}, column {column})", pos)
+            escape = pos
             pos = self.parse_char(pos)
+            if self.last_char == 0:
+                raise self.error("a NUL character in a string can be matched by no token "
+                                 "(llama.cpp would abort while sampling)", escape)
             count += 1
         if count:  # "" adds no element, so nothing for a repetition to apply to
             frame.items.append(_terminal(count))
@@ -444,11 +459,13 @@ class _Checker:
         s = self.s
         opened_at = pos
         pos += 1
-        if s[pos] == "^":
+        negated = s[pos] == "^"
+        if negated:
             pos += 1
         frame.last_sym_start = len(frame.items)
         frame.n_prev_rules = 1
         count = 0
+        matches_something = False
         while s[pos] != "]":
             if s[pos] == _NUL:
                 line, column = _line_column(self.text, opened_at)
@@ -458,8 +475,15 @@ class _Checker:
             if s[pos] == "-" and s[pos + 1] != "]":
                 if s[pos + 1] == _NUL:
                     raise self.error("unexpected end of input in a character range", pos + 1)
+                low = self.last_char
                 pos = self.parse_char(pos + 1)
+                matches_something |= self.last_char >= low  # [z-a] is empty
                 count += 1
+            else:
+                matches_something = True
+        if count and not negated and not matches_something:
+            raise self.error("character class matches no character: each of its ranges ends before it "
+                             "starts (llama.cpp would abort while sampling)", opened_at)
         if count:  # [] and [^] add no element
             frame.items.append(_terminal(count))
             self.grow(count)
@@ -478,6 +502,9 @@ class _Checker:
             token_id, pos = self.parse_int(pos + 1)
             if token_id > _UINT32_MAX:
                 raise self.error(f"token id {token_id} is too big", start)
+            if self.vocab_size is not None and token_id >= self.vocab_size:
+                raise self.error(f"token id {token_id} is not in the model's vocabulary "
+                                 f"(ids 0 to {self.vocab_size - 1})", start)
             if s[pos] != "]":
                 raise self.error("expecting ']' after a token id", pos)
             if s[pos + 1] != ">":
