@@ -32,6 +32,7 @@ ENV_HOST = "HOSHIKAGE_HOST"
 ENV_PORT = "HOSHIKAGE_PORT"
 ENV_KEEP_ALIVE = "HOSHIKAGE_KEEP_ALIVE"
 ENV_MAX_LOADED = "HOSHIKAGE_MAX_LOADED_MODELS"
+ENV_API_KEYS = "HOSHIKAGE_API_KEYS"  # comma-separated
 
 
 class ConfigError(Exception):
@@ -53,6 +54,20 @@ class ServerConfig:
     stop_timeout: float = 5.0  # SIGTERM → SIGKILL grace
     request_timeout: float = 0.0  # 0 = no server-side limit
     log_level: str = "info"
+    # Where runners' Unix sockets live (a private 0700 directory is made in it);
+    # None: $XDG_RUNTIME_DIR, else the system's temporary directory.
+    runtime_dir: Path | None = None
+    # Client authentication: none configured = open.
+    api_keys: tuple[str, ...] = ()
+    api_keys_file: Path | None = None  # one key a line; re-read on reload
+    admin_keys: tuple[str, ...] = ()
+    # Connection limits against slow, idle or too many clients.
+    header_timeout: float = 10.0  # from connection (or previous response) to complete headers
+    body_timeout: float = 60.0  # longest pause while a request body is being sent
+    body_deadline: float = 300.0  # the whole body must arrive within this
+    idle_timeout: float = 30.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1024
+    max_body_size: int = 32 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,8 @@ class ModelConfig:
     preload: bool = False
     parallel: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)  # Ollama-style default options
+    # Largest num_ctx a request may ask for; 0 = the model's trained context.
+    max_num_ctx: int = 0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -190,6 +207,16 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return conv
 
 
+def _size(minimum: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        n = parse_size(v)
+        if n < minimum:
+            raise ValueError(f"expected a size of at least {minimum} bytes, got {v!r}")
+        return n
+
+    return conv
+
+
 def _auto_or_bool(v: Any) -> bool | str:
     if v == "auto" or isinstance(v, bool):
         return v
@@ -209,21 +236,62 @@ def _timeout(v: Any) -> float:
     return seconds
 
 
+def _positive_timeout(v: Any) -> float:
+    seconds = parse_duration(v)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero such as \"10s\", got {v!r}")
+    return seconds
+
+
+def _keys(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(k, str) and k.strip() for k in v):
+        raise ValueError(f"expected a list of non-empty strings, got {v!r}")
+    return tuple(k.strip() for k in v)
+
+
+def _path(base_dir: Path) -> Callable[[Any], Path]:
+    def conv(v: Any) -> Path:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"expected a path as a non-empty string, got {v!r}")
+        p = Path(os.path.expandvars(os.path.expanduser(v)))
+        return p if p.is_absolute() else (base_dir / p).resolve()
+
+    return conv
+
+
+def read_keys_file(path: Path) -> tuple[str, ...]:
+    """API keys from a file: one a line; blank lines and lines starting with # are skipped."""
+    keys = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.append(line)
+    return tuple(keys)
+
+
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
-    "stop_timeout", "request_timeout", "log_level",
+    "stop_timeout", "request_timeout", "log_level", "runtime_dir", "api_keys", "api_keys_file",
+    "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
+    "max_connections", "max_body_size",
 }
 _MEMORY_KEYS = {"gpu_overhead", "system_reserve", "limit", "recovery_timeout", "recovery_poll"}
 _MODEL_KEYS = {
     "path", "aliases", "n_ctx", "n_threads", "n_batch", "n_gpu_layers", "flash_attn",
     "cache_type_k", "cache_type_v", "chat_format", "embedding", "keep_alive", "pinned",
-    "preload", "parallel", "options",
+    "preload", "parallel", "options", "max_num_ctx",
 }
 
 
-def _parse_server(c: _Collector, t: Mapping[str, Any]) -> ServerConfig:
+def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> ServerConfig:
     d = ServerConfig()
     _check_unknown(c, "server.", t, _SERVER_KEYS)
+    keys_file = _take(c, "server.api_keys_file", t, "api_keys_file", _path(base_dir), d.api_keys_file)
+    if keys_file is not None:
+        try:
+            read_keys_file(keys_file)
+        except (OSError, UnicodeDecodeError) as e:
+            c.add("server.api_keys_file", f"cannot read {str(keys_file)!r}: {getattr(e, 'strerror', None) or e} (expected a text file with one key a line)")
     return ServerConfig(
         host=_take(c, "server.host", t, "host", _str, d.host),
         port=_take(c, "server.port", t, "port", _int(0, 65535), d.port),
@@ -234,6 +302,16 @@ def _parse_server(c: _Collector, t: Mapping[str, Any]) -> ServerConfig:
         stop_timeout=_take(c, "server.stop_timeout", t, "stop_timeout", _timeout, d.stop_timeout),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
+        runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),
+        api_keys=_take(c, "server.api_keys", t, "api_keys", _keys, d.api_keys),
+        api_keys_file=keys_file,
+        admin_keys=_take(c, "server.admin_keys", t, "admin_keys", _keys, d.admin_keys),
+        header_timeout=_take(c, "server.header_timeout", t, "header_timeout", _positive_timeout, d.header_timeout),
+        body_timeout=_take(c, "server.body_timeout", t, "body_timeout", _positive_timeout, d.body_timeout),
+        body_deadline=_take(c, "server.body_deadline", t, "body_deadline", _positive_timeout, d.body_deadline),
+        idle_timeout=_take(c, "server.idle_timeout", t, "idle_timeout", _positive_timeout, d.idle_timeout),
+        max_connections=_take(c, "server.max_connections", t, "max_connections", _int(1, 1_000_000), d.max_connections),
+        max_body_size=_take(c, "server.max_body_size", t, "max_body_size", _size(1024), d.max_body_size),
     )
 
 
@@ -308,6 +386,7 @@ def _parse_model(c: _Collector, name: str, t: Any, base_dir: Path) -> ModelConfi
         preload=_take(c, f"{key}.preload", t, "preload", _bool, d.preload),
         parallel=_take(c, f"{key}.parallel", t, "parallel", _int(1, 64), d.parallel),
         options=dict(options),
+        max_num_ctx=_take(c, f"{key}.max_num_ctx", t, "max_num_ctx", _int(0), d.max_num_ctx),
     )
     return m
 
@@ -323,7 +402,7 @@ def parse_config(data: Mapping[str, Any], *, where: str = "<config>", base_dir: 
     for name, t in (("server", server_t), ("memory", memory_t), ("models", models_t)):
         if not isinstance(t, dict):
             c.add(name, f"expected a table ([{name}]), got {t!r}")
-    server = _parse_server(c, server_t if isinstance(server_t, dict) else {})
+    server = _parse_server(c, server_t if isinstance(server_t, dict) else {}, base)
     memory = _parse_memory(c, memory_t if isinstance(memory_t, dict) else {})
     models: dict[str, ModelConfig] = {}
     seen: dict[str, str] = {}
@@ -387,6 +466,11 @@ def apply_overrides(
             s = replace(s, keep_alive=parse_keep_alive(value))
         except DurationError as e:
             c.add(ENV_KEEP_ALIVE, str(e))
+    if env.get(ENV_API_KEYS):
+        keys = tuple(k.strip() for k in env[ENV_API_KEYS].split(",") if k.strip())
+        if not keys:
+            c.add(ENV_API_KEYS, "expected comma-separated API keys")
+        s = replace(s, api_keys=tuple(dict.fromkeys(s.api_keys + keys)))
     if env.get(ENV_MAX_LOADED):
         try:
             s = replace(s, max_loaded_models=_int(0)(int(env[ENV_MAX_LOADED])))
