@@ -3,7 +3,9 @@
 keep_alive follows Ollama exactly: a JSON number is seconds, a string is a Go
 duration ("10m", "1h30m", "500ms", "-1s"); any negative value means "forever"
 and 0 means "unload as soon as idle".  A unit-less string such as "10" is
-rejected, as Ollama rejects it.
+rejected, as Ollama rejects it.  A session of 100 years or more (1e12, 2**70,
+an overflowing "99999...h") is "forever" too: no clock can represent its end,
+and nobody means less.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import math
 import re
 
 FOREVER = math.inf
+# Sessions this long or longer are "forever" (Ollama clamps the same way).
+FOREVER_AFTER = 100 * 365.25 * 86400
+# A duration string longer than this is not a duration anybody writes.
+MAX_DURATION_TEXT = 100
 
 _GO_UNITS = {
     "ns": 1e-9,
@@ -33,6 +39,8 @@ class DurationError(ValueError):
 def parse_go_duration(text: str) -> float:
     """Parse a Go `time.ParseDuration` string into seconds (may be negative)."""
     s = text.strip()
+    if len(s) > MAX_DURATION_TEXT:
+        raise DurationError(f"expected a duration such as \"5m\", got a string of {len(s)} characters")
     if not s:
         raise DurationError("expected a duration such as \"5m\", \"1h30m\" or \"500ms\", got an empty string")
     sign = 1.0
@@ -61,12 +69,14 @@ def parse_keep_alive(value: object) -> float:
     if isinstance(value, (int, float)):
         if isinstance(value, float) and math.isnan(value):
             raise DurationError("expected a number of seconds or a duration string, got NaN")
+        if isinstance(value, int) and abs(value) >= FOREVER_AFTER:
+            return FOREVER  # compared as an int: 10**400 would overflow a float
         seconds = float(value)
     elif isinstance(value, str):
         seconds = parse_go_duration(value)
     else:
         raise DurationError(f"expected a number of seconds or a duration string, got {type(value).__name__}")
-    return FOREVER if seconds < 0 else seconds
+    return FOREVER if seconds < 0 or seconds >= FOREVER_AFTER else seconds
 
 
 def parse_duration(value: object, *, allow_negative: bool = False) -> float:
@@ -74,6 +84,8 @@ def parse_duration(value: object, *, allow_negative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DurationError(f"expected a number of seconds or a duration string such as \"30s\", got {value!r}")
     seconds = float(value) if not isinstance(value, str) else parse_go_duration(value)
+    if not math.isfinite(seconds):
+        raise DurationError(f"expected a finite duration, got {value!r}")
     if seconds < 0 and not allow_negative:
         raise DurationError(f"expected a non-negative duration, got {value!r}")
     return seconds
