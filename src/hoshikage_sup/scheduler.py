@@ -252,7 +252,7 @@ class Slot:
         return "stopping"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler keeps the leases out in a set
 class Lease:
     """A request's hold on one replica.  Release it exactly once."""
 
@@ -315,7 +315,9 @@ class Scheduler:
         self.counters: dict[str, int] = {
             "loads": 0, "load_failures": 0, "evictions": 0, "expirations": 0,
             "reloads": 0, "crashes": 0, "restarts": 0, "requests": 0, "rejected_queue_full": 0,
+            "scheduling_errors": 0,
         }
+        self.leases: set[Lease] = set()  # every lease handed out and not yet released
 
     # ------------------------------------------------------------ limits
 
@@ -376,6 +378,7 @@ class Scheduler:
         if lease.released:
             return
         lease.released = True
+        self.leases.discard(lease)
         r = lease.replica
         r.inflight -= 1
         if not lease.load_only:
@@ -438,6 +441,31 @@ class Scheduler:
 
     def queue_depth(self) -> int:
         return len(self.pending)
+
+    def invariants(self) -> list[str]:
+        """What is wrong with the scheduler's state, one line each; empty when
+        all is well.  Tests check it after chaos and fuzz runs:
+        every pending request is waiting (not answered and still queued),
+        every replica's refcount equals the leases out on it, every registered
+        slot has a replica."""
+        problems = []
+        for p in self.pending:
+            if p.future.done():
+                problems.append(f"pending request for {p.model.name!r} is answered but still queued")
+        held: dict[int, int] = {}
+        for lease in self.leases:
+            if lease.released:
+                problems.append(f"released lease on {lease.model.name!r} still counted")
+            held[id(lease.replica)] = held.get(id(lease.replica), 0) + 1
+        for slot in self.slots.values():
+            if not slot.replicas:
+                problems.append(f"model {slot.name!r} is registered without a replica")
+            for r in slot.replicas:
+                if r.inflight != held.get(id(r), 0):
+                    problems.append(
+                        f"replica {slot.name}#{r.index}: refcount {r.inflight} but {held.get(id(r), 0)} leases out"
+                    )
+        return problems
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until `predicate()` holds, looking again after every scheduling
@@ -503,43 +531,92 @@ class Scheduler:
         # it (no starvation), while requests for loaded models keep flowing.
         loads_blocked = self._recovering > 0
         for p in list(self.pending):
-            slot = self.slots.get(p.model.name)
-            if slot is not None and slot.draining:
-                self._maybe_stop(slot)
+            if p.future.done():
                 continue
-            if slot is not None and not slot.options.serves(p.options):
-                # Runner options differ (for example num_ctx): reload after it drains.
-                self.counters["reloads"] += 1
-                self._drain(slot, "reload")
-                continue
-            if slot is not None:
-                self._apply_keep_alive(slot, p)
-                if p.load_started is None and slot.loading:
-                    p.load_started = time.monotonic()
-                if p.load_only and slot.ready:
-                    self._grant(p, None)
-                    continue
-                r = self._pick_replica(slot)
-                if r is not None:
-                    self._grant(p, r)
-                    continue
-                if not loads_blocked and self._want_replica(slot):
-                    self._scale_up(slot, p)
-                continue
-            if loads_blocked:
-                continue
-            if not self._try_load(p):
-                loads_blocked = True
+            # One request's decision can never poison the pass: whatever goes
+            # wrong while deciding for it fails that request alone.
+            try:
+                if not self._decide(p, loads_blocked):
+                    loads_blocked = True
+            except Exception as e:  # noqa: BLE001 - a bug or an absurd input: isolate it
+                self._fail_pending(p, e)
         # Idle countdowns start here, for every slot at once: a slot is idle
         # when it is ready, holds no lease and no request waits for it (a
         # queued request is handed the runner in this same pass, so keep_alive
         # 0 never unloads a model under its own queue).
         waiting = {p.model.name for p in self.pending}
         for slot in list(self.slots.values()):
-            if slot.draining:
-                self._maybe_stop(slot)
-            elif not slot.armed and slot.refcount == 0 and slot.ready and slot.name not in waiting:
-                self._arm_expiry(slot)
+            try:
+                if slot.draining:
+                    self._maybe_stop(slot)
+                elif not slot.armed and slot.refcount == 0 and slot.ready and slot.name not in waiting:
+                    self._arm_expiry(slot)
+            except Exception:  # noqa: BLE001 - keep the other slots going
+                self.counters["scheduling_errors"] += 1
+                log.exception("scheduling error on a loaded model", model=slot.name)
+
+    def _decide(self, p: Pending, loads_blocked: bool) -> bool:
+        """Every decision the state allows for one pending request.  Returns
+        False when a load had to wait, so later loads wait behind it."""
+        slot = self.slots.get(p.model.name)
+        if slot is not None and slot.draining:
+            self._maybe_stop(slot)
+            return True
+        if slot is not None and not slot.options.serves(p.options):
+            # Runner options differ (for example num_ctx): reload after it
+            # drains, but only for options that can run at all: a request whose
+            # options cannot fit fails alone and the loaded runner stays.
+            if self._options_fail(p):
+                return True
+            self.counters["reloads"] += 1
+            self._drain(slot, "reload")
+            return True
+        if slot is not None:
+            self._apply_keep_alive(slot, p)
+            if p.load_started is None and slot.loading:
+                p.load_started = time.monotonic()
+            if p.load_only and slot.ready:
+                self._grant(p, None)
+                return True
+            r = self._pick_replica(slot)
+            if r is not None:
+                self._grant(p, r)
+                return True
+            if not loads_blocked and self._want_replica(slot):
+                self._scale_up(slot, p)
+            return True
+        if loads_blocked:
+            return True
+        return self._try_load(p)
+
+    def _options_fail(self, p: Pending) -> bool:
+        """Fail `p` (and the requests that ask for the same options) when a
+        runner with its options could not be planned or could not fit even
+        alone; True if it did."""
+        try:
+            plan = self.planner.plan(p.model, p.options, [])
+        except (OSError, ValueError, OverflowError) as e:
+            self._fail_options(p.model, p.options, ModelLoadError(f"cannot plan model '{p.model.name}' with these options: {e}"))
+            return True
+        alone = self.planner.fits_alone(plan)
+        if not alone.ok:
+            self._fail_options(p.model, p.options, InsufficientMemory(
+                f"model '{p.model.name}' with these options does not fit even with every other model unloaded: "
+                f"{alone.reason}", needed=alone.needed, available=alone.available,
+            ))
+            return True
+        return False
+
+    def _fail_pending(self, p: Pending, e: Exception) -> None:
+        self.counters["scheduling_errors"] += 1
+        log.exception("scheduling failed for one request", model=p.model.name)
+        if p in self.pending:
+            self.pending.remove(p)
+        if not p.future.done():
+            error = e if isinstance(e, HoshikageError) else HoshikageError(
+                f"cannot schedule this request for model '{p.model.name}': {type(e).__name__}: {e}"
+            )
+            p.future.set_exception(error)
 
     def _pick_replica(self, slot: Slot) -> Replica | None:
         free = [r for r in slot.replicas if r.available]
@@ -558,6 +635,7 @@ class Scheduler:
             r.inflight += 1
             lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load)
         self._cancel_expiry(r.slot)
+        self.leases.add(lease)
         p.future.set_result(lease)
 
     def _apply_keep_alive(self, slot: Slot, p: Pending) -> None:
@@ -591,21 +669,9 @@ class Scheduler:
         """Decide a load for `p`.  Returns False when later loads must wait."""
         model, options = p.model, p.options
         keep = self._live_replicas()
-        try:
-            plan = self.planner.plan(model, options, [])
-        except (OSError, ValueError) as e:
-            self._fail_model(model, ModelLoadError(f"cannot plan model '{model.name}': {e}"))
+        if self._options_fail(p):
             return True
-        alone = self.planner.fits_alone(plan)
-        if not alone.ok:
-            self._fail_model(
-                model,
-                InsufficientMemory(
-                    f"model '{model.name}' does not fit even with every other model unloaded: "
-                    f"{alone.reason}", needed=alone.needed, available=alone.available,
-                ),
-            )
-            return True
+        plan = self.planner.plan(model, options, [])
         draining = [s for s in self.slots.values() if s.draining]
         count_ok = self._loaded_count() < self.max_loaded
         fit = self.planner.fits(plan, keep, [])
@@ -643,7 +709,7 @@ class Scheduler:
                         f"model '{model.name}' does not fit beside the pinned models {pinned}: {fit.reason}",
                         needed=fit.needed, available=fit.available,
                     )
-                self._fail_model(model, error)
+                self._fail_options(model, options, error)
                 return True
             if not victims:
                 # What stays is still loading, or RAM is short for the moment:
@@ -670,16 +736,27 @@ class Scheduler:
             session = FOREVER
         slot = Slot(p.model, p.options, session)
         self.slots[p.model.name] = slot
-        self._launch(slot, plan, reason="request")
+        try:
+            self._launch(slot, plan, reason="request")
+        except BaseException:
+            if not slot.replicas and self.slots.get(slot.name) is slot:
+                del self.slots[slot.name]
+            raise
         # Later requests for this model are stamped by the pass as they meet the loading slot.
         p.load_started = time.monotonic()
 
     def _scale_up(self, slot: Slot, p: Pending) -> None:
-        keep = self._live_replicas()
-        plan = self.planner.plan(slot.model, slot.options, [])
-        if self.planner.fits(plan, keep, []).ok:
-            self._launch(slot, plan, reason="parallel")
-            p.load_started = p.load_started or time.monotonic()
+        """One more replica if it fits; if that cannot be done, `p` simply
+        waits for a replica that is already there."""
+        try:
+            keep = self._live_replicas()
+            plan = self.planner.plan(slot.model, slot.options, [])
+            if self.planner.fits(plan, keep, []).ok:
+                self._launch(slot, plan, reason="parallel")
+                p.load_started = p.load_started or time.monotonic()
+        except Exception:  # noqa: BLE001
+            self.counters["scheduling_errors"] += 1
+            log.exception("could not start another replica", model=slot.name)
 
     def _launch(self, slot: Slot, plan: LoadPlan, *, reason: str) -> None:
         index = max((r.index for r in slot.replicas), default=-1) + 1
@@ -730,7 +807,7 @@ class Scheduler:
             log.error("load failed", model=slot.name, replica=r.index, error=str(e))
             if not slot.replicas and self.slots.get(slot.name) is slot:
                 del self.slots[slot.name]
-                self._fail_model(slot.model, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
+                self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
             self._schedule()
             return
         except Exception as e:  # a bug or an OS error: never leave waiters hanging
@@ -743,7 +820,7 @@ class Scheduler:
                 slot.replicas.remove(r)
             if not slot.replicas and self.slots.get(slot.name) is slot:
                 del self.slots[slot.name]
-            self._fail_model(slot.model, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
+            self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
             self._schedule()
             return
         if r.state != "loading":  # stopped while loading (shutdown)
@@ -761,9 +838,12 @@ class Scheduler:
         )
         self._schedule()
 
-    def _fail_model(self, model: ModelConfig, error: HoshikageError) -> None:
+    def _fail_options(self, model: ModelConfig, options: RunnerOptions, error: HoshikageError) -> None:
+        """Fail the requests that asked for exactly these options; requests for
+        the same model with other options (another num_ctx) stay queued and get
+        a load of their own."""
         for q in list(self.pending):
-            if q.model.name == model.name and not q.future.done():
+            if q.model.name == model.name and q.options == options and not q.future.done():
                 q.future.set_exception(error)
                 self.pending.remove(q)
 
@@ -895,11 +975,14 @@ class Scheduler:
         slot.restarts.append(now)
         if self.slots.get(slot.name) is None:
             self.slots[slot.name] = slot
-        keep = self._live_replicas()
-        plan = self.planner.plan(slot.model, slot.options, [])
-        if self.planner.fits(plan, keep, []).ok:
-            self.counters["restarts"] += 1
-            self._launch(slot, plan, reason="restart after crash")
-        elif not slot.replicas:
+        try:
+            keep = self._live_replicas()
+            plan = self.planner.plan(slot.model, slot.options, [])
+            if self.planner.fits(plan, keep, []).ok:
+                self.counters["restarts"] += 1
+                self._launch(slot, plan, reason="restart after crash")
+        except Exception:  # noqa: BLE001 - the next request loads it again
+            log.exception("restart after crash failed", model=slot.name)
+        if not slot.replicas and self.slots.get(slot.name) is slot:
             del self.slots[slot.name]
         self._schedule()

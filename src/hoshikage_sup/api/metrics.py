@@ -21,6 +21,7 @@ COUNTERS = {
     "crashes": "Runner processes that exited while serving or idle.",
     "restarts": "Runner processes started again after a crash.",
     "rejected_queue_full": "Requests refused because max_queue requests were waiting.",
+    "scheduling_errors": "Requests failed by an error while deciding for them (each failed alone).",
 }
 
 
