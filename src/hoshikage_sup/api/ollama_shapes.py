@@ -28,6 +28,7 @@ import os
 import time
 from typing import Any, Iterable, Mapping
 
+from .. import validation
 from ..config import ModelConfig
 from ..durations import FOREVER
 from ..errors import BadRequest, HoshikageError
@@ -50,17 +51,6 @@ class NotSupported(HoshikageError):
     status = 501
     kind = "not_supported"
     code = "not_supported"
-
-
-class UpstreamError(HoshikageError):
-    """The runner answered the request with an error status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        # llama_cpp.server answers 422 for bodies its pydantic models reject;
-        # to an Ollama client that is a bad request like any other.
-        self.status = 400 if 400 <= status < 500 else status
-        self.kind = "invalid_request_error" if self.status < 500 else "server_error"
 
 
 # ------------------------------------------------------------------ times
@@ -91,9 +81,7 @@ def model_name(body: Mapping[str, Any], *, legacy: bool = False) -> str:
         name = body.get("name")
     if name is None or name == "":
         raise BadRequest("model is required", param="model")
-    if not isinstance(name, str):
-        raise BadRequest(f"invalid model: expected a string, got {type(name).__name__}", param="model")
-    return name
+    return validation.model_name(name)
 
 
 def stream_flag(body: Mapping[str, Any]) -> bool:
@@ -117,39 +105,29 @@ def optional_str(body: Mapping[str, Any], key: str) -> str:
 
 # ------------------------------------------------------------------ options
 
-# Ollama option → (llama_cpp.server field, type)
-_SAMPLING: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "min_p": ("min_p", float),
-    "seed": ("seed", int),
-    "repeat_penalty": ("repeat_penalty", float),
-    "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float),
-    "mirostat": ("mirostat_mode", int),
-    "mirostat_tau": ("mirostat_tau", float),
-    "mirostat_eta": ("mirostat_eta", float),
+# Ollama option → llama_cpp.server field (bounds: validation.SAMPLING)
+_SAMPLING: dict[str, str] = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "mirostat": "mirostat_mode",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
 }
-# Ollama option → (RunnerOptions field, smallest value allowed)
-_RUNNER: dict[str, tuple[str, int]] = {
-    "num_ctx": ("n_ctx", 1),
-    "num_batch": ("n_batch", 1),
-    "num_thread": ("n_threads", 0),
-    "num_gpu": ("n_gpu_layers", -1),
+# Ollama option → RunnerOptions field (bounds: validation.runner_option_bounds)
+_RUNNER: dict[str, str] = {
+    "num_ctx": "n_ctx",
+    "num_batch": "n_batch",
+    "num_thread": "n_threads",
+    "num_gpu": "n_gpu_layers",
 }
-
-
-def _number(key: str, value: Any, kind: type, where: str) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        isinstance(value, float) and not math.isfinite(value)
-    ):
-        raise BadRequest(f"invalid option {key!r}{where}: expected a number, got {value!r}", param="options")
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise BadRequest(f"invalid option {key!r}{where}: expected an integer, got {value!r}", param="options")
-        return int(value)
-    return float(value)
+# num_predict: -1 = no limit, -2 = fill the context (also no limit here).
+_NUM_PREDICT = validation.Bound(-2, validation.INT32_MAX, integer=True)
 
 
 def translate_options(
@@ -172,30 +150,27 @@ def translate_options(
         )
     sampling: dict[str, Any] = {"max_tokens": None}
     runner: dict[str, Any] = {}
+    bounds: dict[str, validation.Bound] | None = None
     layers = [(dict(model.options), f" in the [models.{model.name}] options of the config"), (request_options, "")]
     for options, where in layers:
         for key, value in options.items():
             if value is None:
                 continue
+            name = f"option {key!r}{where}"
             if key in _SAMPLING:
-                field, kind = _SAMPLING[key]
-                sampling[field] = _number(key, value, kind, where)
+                field = _SAMPLING[key]
+                sampling[field] = validation.sampling_field(field, value, name=name, param="options")
             elif key == "num_predict":
-                n = _number(key, value, int, where)
+                n = validation.number(value, name, _NUM_PREDICT, param="options")
                 sampling["max_tokens"] = n if n > 0 else None  # -1 (and -2, 0): no limit
             elif key == "stop":
-                if isinstance(value, str):
-                    value = [value]
-                if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                    raise BadRequest(
-                        f"invalid option 'stop'{where}: expected a list of strings, got {value!r}", param="options"
-                    )
-                sampling["stop"] = list(value)
+                sampling["stop"] = validation.stop_list(value, name=name, param="options")
             elif key in _RUNNER and not where:
-                field, minimum = _RUNNER[key]
-                n = _number(key, value, int, where)
-                if n < minimum:
-                    raise BadRequest(f"invalid option {key!r}: expected an integer >= {minimum}, got {value!r}", param="options")
+                field = _RUNNER[key]
+                if bounds is None:
+                    info = model_info(model)
+                    bounds = validation.runner_option_bounds(model, info.context_length if info else None)
+                n = validation.number(value, name, bounds[field], param="options")
                 # Ollama's num_gpu -1 is its automatic placement: ours is "auto"
                 # (-1 would force every layer onto the GPU).
                 runner[field] = "auto" if key == "num_gpu" and n < 0 else n
@@ -204,12 +179,14 @@ def translate_options(
 
 
 def response_format(fmt: Any) -> dict[str, Any] | None:
-    """Ollama `format` → llama_cpp.server `response_format`."""
+    """Ollama `format` → llama_cpp.server `response_format`; a schema is
+    turned into a grammar here first, so one llama_cpp cannot use is a 400."""
     if fmt is None or fmt == "":
         return None
     if fmt == "json":
         return {"type": "json_object"}
     if isinstance(fmt, dict):
+        validation.schema_grammar(fmt, param="format")
         return {"type": "json_object", "schema": fmt}
     raise BadRequest(f"invalid format: expected \"json\" or a JSON schema object, got {fmt!r}", param="format")
 
@@ -217,14 +194,9 @@ def response_format(fmt: Any) -> dict[str, Any] | None:
 def completion_grammar(fmt: dict[str, Any]) -> str:
     """A GBNF grammar for `format` on /v1/completions (raw prompts), which has
     no response_format: llama_cpp's own JSON / JSON-schema grammars."""
-    from llama_cpp import llama_grammar  # only raw+format needs it: keep llama_cpp out of the supervisor
-
     if "schema" in fmt:
-        try:
-            return llama_grammar.json_schema_to_gbnf(json.dumps(fmt["schema"]))
-        except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions
-            raise BadRequest(f"invalid format: cannot turn the JSON schema into a grammar: {e}", param="format") from None
-    return llama_grammar.JSON_GBNF
+        return validation.schema_grammar(fmt["schema"], param="format")
+    return validation.json_grammar()
 
 
 # ------------------------------------------------------------------ messages
@@ -266,8 +238,10 @@ def chat_messages(messages: Any, model: ModelConfig) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise BadRequest(f"invalid messages[{i}]: expected an object", param="messages")
         role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise BadRequest(f"invalid messages[{i}].role: expected a string such as \"user\"", param="messages")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(
+                f"invalid messages[{i}].role: expected \"system\", \"user\", \"assistant\" or \"tool\"", param="messages"
+            )
         content = m.get("content")
         if content is None:
             content = ""
@@ -351,33 +325,6 @@ def done_reason(finish_reason: Any) -> str:
     return "length" if finish_reason == "length" else "stop"
 
 
-def upstream_error(status: int, raw: bytes, model: str) -> UpstreamError:
-    """The runner's error body (llama_cpp.server's {"error": {"message"}} or
-    FastAPI's {"detail": [...]}) → one readable message."""
-    message = ""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict):
-            message = str(err.get("message") or "")
-        elif isinstance(err, str):
-            message = err
-        detail = data.get("detail")
-        if not message and isinstance(detail, list):
-            message = "; ".join(
-                f"{'.'.join(str(x) for x in d.get('loc', ()) if x != 'body')}: {d.get('msg')}"
-                for d in detail if isinstance(d, dict)
-            )
-        elif not message and detail:
-            message = str(detail)
-    if not message:
-        message = raw[:500].decode("utf-8", "replace").strip() or f"status {status}"
-    return UpstreamError(status, f"runner for model '{model}' rejected the request: {message}")
-
-
 # ------------------------------------------------------------------ embeddings
 
 
@@ -407,9 +354,9 @@ def embed_inputs(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return [v for v in value]
-    raise BadRequest("invalid input: expected a string or a list of strings", param="input")
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise BadRequest("invalid input: expected a string or a list of non-empty strings", param="input")
 
 
 # ------------------------------------------------------------------ model facts
