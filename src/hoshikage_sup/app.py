@@ -10,7 +10,8 @@ from aiohttp import web
 from . import __version__
 from .api import metrics, ollama, openai
 from .api.common import CONTEXT, Context
-from .errors import HoshikageError, QueueFull
+from .auth import KeyRing, presented_key
+from .errors import HoshikageError, QueueFull, Unauthorized
 from .logs import get_logger
 
 log = get_logger("hoshikage.http")
@@ -35,7 +36,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except HoshikageError as e:
-        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, QueueFull) else None
+        headers = None
+        if isinstance(e, QueueFull):
+            headers = {"Retry-After": str(e.retry_after)}
+        elif isinstance(e, Unauthorized):
+            headers = {"WWW-Authenticate": 'Bearer realm="hoshikage"'}
         if e.status >= 500:
             log.warning("request failed", path=request.path, status=e.status, error=e.message)
         return _error_response(request, e.status, e.message, kind=e.kind, code=e.code, param=e.param, headers=headers)
@@ -53,6 +58,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error_response(request, 500, f"internal error: {type(e).__name__}: {e}", kind="server_error", code=None)
 
 
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API keys (see `auth.py`): checked before the body is read, so a client
+    without a key cannot make us read or parse anything."""
+    keys: KeyRing = request.app[CONTEXT].keys
+    if keys.open:
+        return await handler(request)
+    wanted = keys.keys_for(request.path)
+    if wanted:
+        presented = presented_key(request)
+        if presented is None:
+            raise Unauthorized(
+                "missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+            )
+        if not KeyRing.matches(presented, wanted):
+            raise Unauthorized("invalid API key")
+    return await handler(request)
+
+
 async def health(request: web.Request) -> web.Response:
     c = request.app[CONTEXT]
     return web.json_response(
@@ -66,7 +90,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 def build_app(context: Context) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024**2)
+    # The body limit is enforced while reading (httpguard.read_body), with a 413
+    # in the API's shape; aiohttp's own limit is set just above it as a backstop.
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware],
+        client_max_size=context.config.server.max_body_size + 1,
+    )
     app[CONTEXT] = context
     app.router.add_get("/health", health)
     openai.add_routes(app)

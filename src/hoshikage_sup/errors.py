@@ -24,6 +24,36 @@ class BadRequest(HoshikageError):
     kind = "invalid_request_error"
 
 
+class Unauthorized(HoshikageError):
+    """No API key, or one that is not configured."""
+
+    status = 401
+    kind = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PayloadTooLarge(HoshikageError):
+    status = 413
+    kind = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(HoshikageError):
+    """A body in an encoding (Content-Encoding) or type we do not read."""
+
+    status = 415
+    kind = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(HoshikageError):
+    """The client was too slow sending its request."""
+
+    status = 408
+    kind = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ModelNotFound(HoshikageError):
     status = 404
     kind = "invalid_request_error"

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from ..config import Config
+from ..auth import KeyRing
+from ..config import Config, ModelConfig
 from ..durations import DurationError, parse_keep_alive
 from ..errors import BadRequest
 from ..gateway import Gateway
+from ..gguf import GGUFError, load_model_info
+from ..httpguard import parse_json_object, read_body
 from ..scheduler import Scheduler
 
 
@@ -23,6 +25,7 @@ class Context:
     scheduler: Scheduler
     gateway: Gateway
     started: float = 0.0
+    keys: KeyRing = field(default_factory=KeyRing)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -34,16 +37,21 @@ def ctx(request: web.Request) -> Context:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("request body is empty: expected a JSON object")
+    """The request's body as a JSON object, read within the configured size
+    and time limits and decoded strictly (see `httpguard`)."""
+    server = ctx(request).config.server
+    raw = await read_body(
+        request, max_size=server.max_body_size, body_timeout=server.body_timeout, body_deadline=server.body_deadline
+    )
+    return parse_json_object(raw)
+
+
+def vocab_size(model: ModelConfig) -> int | None:
+    """The model's vocabulary size from its GGUF header (cached), if readable."""
     try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise BadRequest(f"invalid JSON in request body: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"expected a JSON object as request body, got {type(body).__name__}")
-    return body
+        return load_model_info(model.path).vocab_size
+    except (OSError, GGUFError, ValueError):
+        return None
 
 
 def keep_alive_of(body: dict[str, Any], field_name: str = "keep_alive") -> float | None:
