@@ -7,6 +7,9 @@ every layer uses, so the layers agree on what a failure means.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class HoshikageError(Exception):
     status = 500
@@ -113,3 +116,71 @@ class UpstreamTimeout(HoshikageError):
     status = 504
     kind = "server_error"
     code = "timeout"
+
+
+class UpstreamError(HoshikageError):
+    """The runner answered the request with an error: its message, in our shape.
+
+    A runner's 4xx is the client's mistake and keeps its status (422, which
+    llama_cpp.server answers for bodies its pydantic models reject, becomes
+    400 like any other bad request); a runner's 5xx is a failure of the
+    runner, which the client sees as 502 Bad Gateway.
+    """
+
+    def __init__(self, status: int, message: str, *, kind: str | None = None, code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message, param=param)
+        if 400 <= status < 500:
+            self.status = 400 if status == 422 else status
+            self.kind = kind if kind and kind != "internal_server_error" else "invalid_request_error"
+        else:
+            self.status = 502
+            self.kind = "server_error"
+        self.code = code if isinstance(code, str) else None
+
+
+def runner_error(status: int, raw: bytes, model: str) -> UpstreamError:
+    """A runner's error body (llama_cpp.server's {"error": {...}}, FastAPI's
+    {"detail": [...]}, or anything else) as one readable error."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        if "error" in data:
+            return event_error(data, model, status=status)
+        detail = data.get("detail")
+        if isinstance(detail, list):
+            message = "; ".join(
+                f"{'.'.join(str(x) for x in d.get('loc', ()) if x != 'body')}: {d.get('msg')}"
+                for d in detail if isinstance(d, dict)
+            )
+            return UpstreamError(status, f"runner for model '{model}' rejected the request: {message}")
+        if detail:
+            return UpstreamError(status, f"runner for model '{model}' rejected the request: {detail}")
+    text = raw[:500].decode("utf-8", "replace").strip() or f"status {status}"
+    return UpstreamError(status, f"runner for model '{model}' answered {status}: {text}")
+
+
+def event_error(data: dict[str, Any], model: str, *, status: int | None = None) -> UpstreamError:
+    """`{"error": ...}` from a runner (a body or a stream's last event) as an
+    error; without a status, the error's type decides: a client's mistake
+    (invalid_request_error) is 400, anything else the runner's failure."""
+    err = data.get("error")
+    kind = code = param = None
+    if isinstance(err, dict):
+        message = str(err.get("message") or "")
+        kind = err.get("type") if isinstance(err.get("type"), str) else None
+        code = err.get("code") if isinstance(err.get("code"), str) else None
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+    else:
+        message = str(err or "")
+    if status is None:
+        status = 400 if kind == "invalid_request_error" else 502
+    if not message:
+        message = f"runner for model '{model}' failed without a message"
+    elif status < 500:
+        message = f"runner for model '{model}' rejected the request: {message}"
+    else:
+        message = f"runner for model '{model}' failed: {message}"
+    return UpstreamError(status, message, kind=kind, code=code, param=param)

@@ -44,7 +44,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..durations import format_duration
-from ..errors import BadRequest, HoshikageError, RunnerFailed
+from ..errors import BadRequest, HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest
 from ..scheduler import Scheduler
 from . import ollama_shapes as shapes
@@ -85,7 +85,12 @@ class _Call:
         self.gateway = ctx(request).gateway
         self.model = self.gateway.resolve(self.name)
         self.sampling, self.runner_options = shapes.translate_options(body.get("options"), self.model)
-        self.fmt = shapes.response_format(body.get("format"))
+        self.fmt: dict[str, Any] | None = None
+
+    async def read_format(self, body: dict[str, Any]) -> None:
+        """`format`; a schema becomes a grammar (to check it) off the event loop."""
+        fmt = body.get("format")
+        self.fmt = await asyncio.to_thread(shapes.response_format, fmt) if isinstance(fmt, dict) else shapes.response_format(fmt)
 
     def head(self) -> dict[str, Any]:
         return {"model": self.name, "created_at": shapes.rfc3339()}
@@ -120,7 +125,7 @@ class _Call:
         t_open = time.monotonic_ns()
         async with self.gateway.open(req) as up:
             if up.status >= 400:
-                raise shapes.upstream_error(up.status, await up.read(), self.model.name)
+                raise runner_error(up.status, await up.read(), self.model.name)
             # The lease was granted `queued` seconds after the request was
             # queued; the runner got the request right after.
             t_sent = t_open + shapes.ns(up.lease.queued)
@@ -155,8 +160,17 @@ class _Call:
         return obj
 
     async def _relay(self, up: Any, kind: str, t_sent: int, load: int) -> web.StreamResponse:
+        """NDJSON lines as tokens arrive.  Headers go out with the first line:
+        a failure before it (a prompt over the context, a runner that dies
+        during prompt processing) is answered with its own status and a JSON
+        error; after it, the failure is the stream's last line."""
         resp = web.StreamResponse(status=200, headers=NDJSON_HEADERS)
-        await resp.prepare(self.request)
+
+        async def write(obj: dict[str, Any]) -> None:
+            if not resp.prepared:
+                await resp.prepare(self.request)
+            await resp.write(_line(obj))
+
         n = 0
         first = last = None
         finish = None
@@ -164,9 +178,8 @@ class _Call:
         tools = shapes.ToolCallAccumulator()
         try:
             async for event in up.iter_events():
-                if isinstance(event.get("error"), (dict, str)):
-                    err = event["error"]
-                    raise RunnerFailed(str(err.get("message") if isinstance(err, dict) else err))
+                if "error" in event:
+                    raise event_error(event, self.model.name)
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
                 choices = event.get("choices") or []
@@ -183,17 +196,14 @@ class _Call:
                     n += 1
                     last = time.monotonic_ns()
                     first = first or last
-                    await resp.write(_line({**self.head(), **self.message(text), "done": False}))
+                    await write({**self.head(), **self.message(text), "done": False})
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
             if finish is None:
-                raise RunnerFailed(
-                    f"runner for model '{self.model.name}' ended the stream before finishing "
-                    "(its log has the reason, e.g. a prompt longer than the context)"
-                )
+                raise RunnerFailed(f"runner for model '{self.model.name}' ended the stream before finishing")
             calls = tools.result()
             if calls:
-                await resp.write(_line({**self.head(), **self.message("", tool_calls=calls), "done": False}))
+                await write({**self.head(), **self.message("", tool_calls=calls), "done": False})
             eval_count = usage.get("completion_tokens")
             if not isinstance(eval_count, int):
                 eval_count = n
@@ -209,8 +219,10 @@ class _Call:
             final["prompt_eval_duration"] = max(0, (first or now) - t_sent)
             final["eval_count"] = eval_count
             final["eval_duration"] = max(0, (last or now) - (first or now))
-            await resp.write(_line(final))
+            await write(final)
         except HoshikageError as e:
+            if not resp.prepared:
+                raise  # nothing sent yet: answered with its own status
             # Headers are gone: the failure is the last line, which clients raise.
             await resp.write(_line({"error": e.message}))
         await resp.write_eof()
@@ -220,6 +232,7 @@ class _Call:
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     call = _Call(request, body, chat=False)
+    await call.read_format(body)
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise BadRequest(f"invalid prompt: expected a string, got {type(prompt).__name__}", param="prompt")
@@ -258,6 +271,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     call = _Call(request, body, chat=True)
+    await call.read_format(body)
     messages = body.get("messages")
     if not messages:
         if messages is not None and not isinstance(messages, list):
@@ -298,11 +312,13 @@ async def _embed(request: web.Request, body: dict[str, Any], inputs: list[str]) 
     if not inputs:
         lease = await gateway.load(name, keep_alive, runner_options or None)
         return [], {}, shapes.ns(lease.load_duration)
+    # Ollama's `truncate`: cut inputs longer than the context; otherwise they are a 400.
+    truncate = body.get("truncate") is True
     req = InferenceRequest(model=name, kind="embedding", body={"input": inputs}, keep_alive=keep_alive,
-                           runner_options=runner_options or None)
+                           runner_options=runner_options or None, truncate=truncate)
     async with gateway.open(req) as up:
         if up.status >= 400:
-            raise shapes.upstream_error(up.status, await up.read(), model.name)
+            raise runner_error(up.status, await up.read(), model.name)
         data = await up.json()
         load = shapes.ns(up.lease.load_duration)
     try:
