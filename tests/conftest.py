@@ -38,7 +38,9 @@ class FakeSpawner:
     `env` applies to every runner, `model_env[name]` to the runners of one
     model (FAKE_* settings, see tests/fake_runner.py).  Every process spawned
     is kept in `processes`; `on_spawn(process)` (if set) runs for each one,
-    which tests use to simulate what a runner does to a device.
+    which tests use to simulate what a runner does to a device.  Runner
+    sockets go in `server.runtime_dir` (`make_server` sets `server`), as the
+    scheduler's own spawn puts them.
     """
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None,
@@ -48,6 +50,7 @@ class FakeSpawner:
         self.model_env = model_env or {}
         self.processes: list = []
         self.on_spawn = None
+        self.server = None
 
     def __call__(self, spec, index: int):
         from hoshikage_sup.process import RunnerProcess
@@ -55,7 +58,8 @@ class FakeSpawner:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_")}
         env.update(self.env)
         env.update(self.model_env.get(spec.model_name, {}))
-        process = RunnerProcess(spec, replica=index, command=self.command, env=env)
+        runtime_dir = self.server.runtime_dir if self.server is not None else None
+        process = RunnerProcess(spec, replica=index, command=self.command, env=env, runtime_dir=runtime_dir)
         self.processes.append(process)
         if self.on_spawn is not None:
             self.on_spawn(process)
@@ -112,6 +116,8 @@ async def make_server(tmp_path, demo_model, fake_runner_command):
         if devices is None:
             devices = SimulatedSource(system_total=64 * 2**30)
         srv = Server(cfg, devices=devices, spawn=spawner)
+        if isinstance(spawner, FakeSpawner):
+            spawner.server = srv
         await srv.startup()
         handle = ServerHandle(srv, spawner)
         started.append(handle)

@@ -3,9 +3,11 @@
 Tests that exercise the supervisor (spawning, readiness, crashes, queuing,
 streaming proxies) do not need real tokens, only a child that behaves like
 the real runner: same start-up protocol (parent-death signal, stdin
-lifeline, one JSON settings line, inherited listening socket), the same
+lifeline, one JSON settings line, inherited listening Unix socket), the same
 endpoints and response shapes (including the "model" field: the request's, else the
-GGUF path), one generation at a time, and a lock-free ``/health``.  Spawn it with
+GGUF path), one generation at a time, a lock-free ``/health``, and the same
+guard: every other request needs ``Authorization: Bearer <secret>`` (401 in
+OpenAI's error shape otherwise).  Spawn it with
 ``RunnerProcess(spec, command=[sys.executable, "tests/fake_runner.py"])``.
 
 Start-up behaviour, from the environment:
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import os
 import signal
@@ -291,8 +294,26 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "model": request.app[SETTINGS]["model_alias"], "pid": os.getpid()})
 
 
+def require_secret(secret: str) -> Any:
+    """The real runner's guard (hoshikage_runner.server.RequireSecret) as aiohttp middleware."""
+    expected = f"Bearer {secret}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "GET" and request.path == "/health":
+            return await handler(request)
+        given = request.headers.getall("Authorization", [])
+        if len(given) != 1 or not hmac.compare_digest(given[0].encode(), expected):
+            body = {"error": {"message": "missing or invalid runner secret", "type": "invalid_request_error",
+                              "param": None, "code": "invalid_api_key"}}
+            return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return middleware
+
+
 def build_app(settings: dict[str, Any]) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[require_secret(settings["secret"])])
     settings = dict(settings)
     settings.setdefault("model_alias", settings["model"])
     app[SETTINGS] = settings
@@ -311,6 +332,8 @@ def build_app(settings: dict[str, Any]) -> web.Application:
 async def serve(settings: dict[str, Any]) -> None:
     """Serve on the inherited socket until SIGTERM (unless told to ignore it)."""
     sock = socket.socket(fileno=settings["fd"])
+    if sock.family != socket.AF_UNIX or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        fail(f"fd {settings['fd']} is not a listening Unix stream socket")
     runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     await web.SockSite(runner, sock).start()

@@ -91,10 +91,10 @@ async def wait_gone(pid: int, timeout: float) -> bool:
 # ----------------------------------------------------------------- spec
 
 
-def test_settings_line_carries_spec_and_fd() -> None:
+def test_settings_line_carries_spec_fd_and_secret() -> None:
     spec = fake_spec(n_threads=0, tensor_split=(0.5, 0.5), type_k=8, type_v=8, flash_attn=True)
-    settings = spec.settings(7)
-    assert settings["fd"] == 7
+    settings = spec.settings(7, "s" * 43)
+    assert settings["fd"] == 7 and settings["secret"] == "s" * 43
     assert settings["model_alias"] == "fake" and settings["model"] == "/models/fake.gguf"
     assert settings["n_threads"] == -1 and settings["n_threads_batch"] == -1  # 0 = all CPUs
     assert settings["tensor_split"] == [0.5, 0.5]
@@ -117,18 +117,19 @@ async def test_start_health_and_stop(fake_runner_command: list[str]) -> None:
     assert runner.state == "new"
     await runner.start(load_timeout=30)
     try:
-        assert runner.state == "ready" and runner.pid and runner.port
+        assert runner.state == "ready" and runner.pid and runner.socket_path
         assert runner.load_duration is not None and runner.load_duration > 0
         assert runner.started_at is not None and runner.ready_at is not None
         assert await runner.health()
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{runner.base_url}/health") as response:
-                body = await response.json()
+        async with runner.session.get(f"{runner.base_url}/health") as response:
+            body = await response.json()
         assert body == {"status": "ok", "model": "fake", "pid": runner.pid}
     finally:
         code = await runner.stop(grace=5)
     assert code == 0  # SIGTERM → clean exit
     assert runner.state == "exited" and runner.returncode == 0
+    assert runner.session.closed and not os.path.exists(runner.socket_path)
+    assert not os.path.exists(os.path.dirname(runner.socket_path))  # its own directory: none was given
     assert exits.calls == [(runner, 0)]
     assert not await runner.health()
     assert await runner.stop() == 0 and await runner.wait() == 0  # idempotent
@@ -240,6 +241,7 @@ async def test_spawn_failure_is_a_load_error() -> None:
         await runner.start()
     assert runner.state == "exited" and runner.pid is None
     assert exits.calls == []  # no process ever existed
+    assert runner.session.closed and not os.path.exists(runner.socket_path)
 
 
 async def test_fake_runner_serves_one_generation_at_a_time(fake_runner_command: list[str]) -> None:
@@ -247,33 +249,33 @@ async def test_fake_runner_serves_one_generation_at_a_time(fake_runner_command: 
     runner = RunnerProcess(fake_spec(), command=fake_runner_command, env=fake_env())
     await runner.start(load_timeout=30)
     try:
-        async with aiohttp.ClientSession(base_url=runner.base_url) as session:
-            body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                    "fake": {"tokens": 20, "delay": 0.1}}
-            async with session.post("/v1/chat/completions", json=body) as stream:
-                first = await stream.content.readline()
-                assert first.startswith(b"data: ")
-                assert await runner.health(timeout=1.5)
-                models = asyncio.ensure_future(session.get("/v1/models"))
-                rest = (await stream.read()).decode()
-            events = [line[6:] for line in (first.decode() + rest).splitlines() if line.startswith("data: ")]
-            assert events[-1] == "[DONE]"
-            chunks = [json.loads(e) for e in events[:-1]]
-            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
-            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).startswith("Hello")
-            remaining = [line for line in rest.splitlines() if '"content"' in line]
-            assert len(remaining) >= 5  # /health answered while the generation was still running
-            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-            assert all(c["model"] == "fake" for c in chunks)
-            async with await models as response:
-                assert (await response.json())["data"][0]["id"] == "fake"
-            async with session.post("/v1/completions", json={"prompt": "a b", "max_tokens": 3}) as response:
-                result = await response.json()
-            assert result["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
-            assert result["choices"][0]["finish_reason"] == "length"
-            assert result["model"] == "/models/fake.gguf"  # no "model" asked: the path, as llama_cpp.server does
-            async with session.post("/v1/embeddings", json={"input": "x"}) as response:
-                assert response.status == 500  # not loaded with embedding=True
+        session, url = runner.session, runner.base_url
+        body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                "fake": {"tokens": 20, "delay": 0.1}}
+        async with session.post(url + "/v1/chat/completions", json=body) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+            assert await runner.health(timeout=1.5)
+            models = asyncio.ensure_future(session.get(url + "/v1/models"))
+            rest = (await stream.read()).decode()
+        events = [line[6:] for line in (first.decode() + rest).splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).startswith("Hello")
+        remaining = [line for line in rest.splitlines() if '"content"' in line]
+        assert len(remaining) >= 5  # /health answered while the generation was still running
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert all(c["model"] == "fake" for c in chunks)
+        async with await models as response:
+            assert (await response.json())["data"][0]["id"] == "fake"
+        async with session.post(url + "/v1/completions", json={"prompt": "a b", "max_tokens": 3}) as response:
+            result = await response.json()
+        assert result["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        assert result["choices"][0]["finish_reason"] == "length"
+        assert result["model"] == "/models/fake.gguf"  # no "model" asked: the path, as llama_cpp.server does
+        async with session.post(url + "/v1/embeddings", json={"input": "x"}) as response:
+            assert response.status == 500  # not loaded with embedding=True
     finally:
         await runner.stop()
 
@@ -299,6 +301,8 @@ def _sigkill_and_expect_runner_gone(supervisor: subprocess.Popen[str], runner_pi
     assert not is_gone(runner_pid)
     supervisor.send_signal(signal.SIGKILL)
     supervisor.wait(5)
+    if supervisor.stdout is not None:
+        supervisor.stdout.close()
     deadline = time.monotonic() + within
     while time.monotonic() < deadline and not is_gone(runner_pid):
         time.sleep(0.05)
@@ -367,25 +371,25 @@ async def test_real_runner_health_answers_during_a_stream(demo_model: Path) -> N
     runner = RunnerProcess(real_spec(demo_model))
     await runner.start(load_timeout=120)
     try:
-        async with aiohttp.ClientSession(base_url=runner.base_url) as session:
-            body = {"prompt": "Once upon a time", "max_tokens": 24, "stream": True, "temperature": 0}
-            async with session.post("/v1/completions", json=body) as stream:
-                first = await stream.content.readline()
-                assert first.startswith(b"data: ")
-                assert await runner.health(timeout=5.0)
-                # /v1/models waits behind the generation; with llama_cpp.server's default
-                # interrupt_requests=True it would also end the stream at the next token.
-                models = asyncio.ensure_future(session.get("/v1/models"))
-                await asyncio.sleep(0.1)
-                rest = (await stream.read()).decode()
-            events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
-            assert events[-1] == "[DONE]"
-            chunks = [json.loads(e) for e in events[:-1]]
-            # Most of the generation was still to come when /health answered.
-            assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 10
-            assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # not interrupted
-            async with await models as response:
-                assert (await response.json())["data"][0]["id"] == "demo"
+        session, url = runner.session, runner.base_url
+        body = {"prompt": "Once upon a time", "max_tokens": 24, "stream": True, "temperature": 0}
+        async with session.post(url + "/v1/completions", json=body) as stream:
+            first = await stream.content.readline()
+            assert first.startswith(b"data: ")
+            assert await runner.health(timeout=5.0)
+            # /v1/models waits behind the generation; with llama_cpp.server's default
+            # interrupt_requests=True it would also end the stream at the next token.
+            models = asyncio.ensure_future(session.get(url + "/v1/models"))
+            await asyncio.sleep(0.1)
+            rest = (await stream.read()).decode()
+        events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        # Most of the generation was still to come when /health answered.
+        assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 10
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")  # not interrupted
+        async with await models as response:
+            assert (await response.json())["data"][0]["id"] == "demo"
     finally:
         await runner.stop()
     assert runner.returncode == 0

@@ -1,7 +1,7 @@
 """Tie a runner's life to its supervisor's, and read the settings line.
 
 A runner must never outlive the supervisor that spawned it: an orphaned
-runner keeps gigabytes of model weights in RAM/VRAM and a port nobody
+runner keeps gigabytes of model weights in RAM/VRAM and a socket nobody
 routes to.  Two mechanisms cover every way a supervisor can die:
 
 * ``PR_SET_PDEATHSIG`` (Linux): the kernel sends SIGTERM the moment the
@@ -36,6 +36,8 @@ ENV_SUPERVISOR_PID = "HOSHIKAGE_SUPERVISOR_PID"
 EXIT_STDIN_CLOSED = 0
 # Exit status for any start-up failure; the reason is on stderr, prefixed "error:".
 EXIT_FAILURE = 1
+# The shortest bearer secret a runner accepts (the supervisor sends 43 characters).
+MIN_SECRET_CHARS = 16
 
 
 def fail(message: str, status: int = EXIT_FAILURE) -> NoReturn:
@@ -128,7 +130,11 @@ class Lifeline:
                 buffered = b""
 
     def read_settings(self) -> dict[str, Any]:
-        """Block until the supervisor sends the settings line; parse it as a JSON object."""
+        """Block until the supervisor sends the settings line; parse it as a JSON object.
+
+        The line carries the runner's secret: errors about it describe the
+        line, never repeat it.
+        """
         line = self._first_line.get()
         if line is None:
             os._exit(EXIT_STDIN_CLOSED)  # supervisor gone before telling us what to load
@@ -141,4 +147,8 @@ class Lifeline:
         fd = settings.get("fd")
         if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
             fail(f"settings: 'fd' must be the inherited listening socket's descriptor, got {fd!r}")
+        secret = settings.get("secret")
+        if not isinstance(secret, str) or len(secret) < MIN_SECRET_CHARS:
+            # A runner without a secret would answer anyone who can reach its socket.
+            fail(f"settings: 'secret' must be a string of at least {MIN_SECRET_CHARS} characters")
         return settings

@@ -2,16 +2,22 @@
 
 Importing this module is the slow, model-independent part of a start
 (llama_cpp, FastAPI, uvicorn); `run` is the model-dependent part.
+
+Only the supervisor may use a runner (see the package docstring): the app
+is served on the inherited Unix socket only, behind `RequireSecret`, and
+without FastAPI's documentation routes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable, MutableMapping
 
 import llama_cpp  # imported here so a spare runner pays for it ahead of time
 import llama_cpp.server.app as llama_app
@@ -26,6 +32,20 @@ from hoshikage_runner.lifeline import fail
 
 # Seconds uvicorn waits for open requests after SIGTERM before it cancels them.
 GRACEFUL_SHUTDOWN = 2.0
+# Seconds an idle connection stays open.  The supervisor lets go of idle
+# connections after 30 s (process.KEEPALIVE_TIMEOUT): it must never be the
+# runner that closes one first, or a request sent at that moment is lost.
+KEEP_ALIVE = 60
+# Requests answered without the secret: the supervisor's readiness and liveness probe.
+OPEN_ROUTES = frozenset({("GET", "/health")})
+# FastAPI's documentation routes, which a runner does not serve.
+DOC_ROUTES = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def _scrub_settings_environment() -> None:
@@ -54,7 +74,7 @@ def _one_line(error: ValidationError) -> str:
 
 
 # Keys of the settings line that are ours, not llama_cpp.server ModelSettings fields.
-OWN_KEYS = ("fd", "pooling_type")
+OWN_KEYS = ("fd", "secret", "pooling_type")
 
 
 def model_settings(settings: dict[str, Any]) -> ModelSettings:
@@ -71,7 +91,9 @@ def server_settings() -> ServerSettings:
 
     With llama_cpp.server's default (True) any other request, even a
     ``GET /v1/models`` from the supervisor, ends a running stream early.
-    host/port are unused: we serve on the supervisor's socket.
+    host/port are unused: we serve on the supervisor's Unix socket.
+    api_key stays off: `RequireSecret` guards every route, llama_cpp.server's
+    key only its own.
     """
     return ServerSettings(interrupt_requests=False, api_key=None, host="127.0.0.1", port=0)
 
@@ -150,8 +172,73 @@ def classify_request_errors() -> None:
     handler.error_message_wrapper = error_message_wrapper  # type: ignore[method-assign]
 
 
+def remove_doc_routes(app: FastAPI) -> None:
+    """Drop /docs, /redoc, /openapi.json and the OAuth2 redirect FastAPI adds on its own.
+
+    Nobody browses a runner, and the schema only tells a caller what it
+    could do there.
+    """
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in DOC_ROUTES]
+    app.openapi_url = app.docs_url = app.redoc_url = app.swagger_ui_oauth2_redirect_url = None
+
+
+class RequireSecret:
+    """ASGI middleware: every request but ``GET /health`` needs ``Authorization: Bearer <secret>``.
+
+    The supervisor sends the header on every request; anything else that
+    reaches the socket gets a 401 in OpenAI's error shape.  It is plain ASGI,
+    wrapped around the whole app, rather than FastAPI dependencies: it covers
+    every route (``/extras/*``, ``/v1/models``, paths that do not exist)
+    and leaves response streams alone.  The comparison takes constant time.
+    """
+
+    def __init__(self, app: ASGIApp, secret: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {secret}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):  # lifespan (off for runners)
+            await self.app(scope, receive, send)
+            return
+        if (kind == "http" and (scope["method"], scope["path"]) in OPEN_ROUTES) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        if kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send_unauthorized(send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = [value for name, value in scope.get("headers", ()) if name == b"authorization"]
+        return len(given) == 1 and hmac.compare_digest(given[0], self._expected)
+
+
+async def send_unauthorized(send: Send) -> None:
+    """A 401 with an OpenAI-shaped error body."""
+    body = json.dumps({"error": {
+        "message": "missing or invalid runner secret: runners are reached through the supervisor only",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": 401,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer"),
+        ],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(settings: dict[str, Any]) -> FastAPI:
-    """Load the model (synchronously, as create_app does) and return the app with /health."""
+    """Load the model (synchronously, as create_app does) and return the app with /health.
+
+    The app itself is open; `run` serves it behind `RequireSecret`.
+    """
     _scrub_settings_environment()
     model = model_settings(settings)
     use_pooling(settings.get("pooling_type"))
@@ -160,18 +247,27 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
         app = llama_app.create_app(server_settings=server_settings(), model_settings=[model])
     except Exception as e:  # noqa: BLE001 - a load failure of any kind is reported, not raised
         fail(f"failed to load model {model.model}: {type(e).__name__}: {e}")
+    remove_doc_routes(app)
     add_health_route(app, model.model_alias or model.model)
     return app
 
 
 def _listening_socket(fd: int) -> socket.socket:
-    """Wrap the inherited descriptor; it must be a listening stream socket."""
+    """Wrap the inherited descriptor; it must be a listening Unix stream socket.
+
+    Only a Unix socket in the supervisor's private directory keeps other
+    processes away from the runner; a TCP socket is refused.
+    """
     try:
         sock = socket.socket(fileno=fd)
     except OSError as e:
         fail(f"fd {fd} is not a usable socket: {e}")
-    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        fail(f"fd {fd} is not a listening TCP socket")
+    if (
+        sock.family != socket.AF_UNIX
+        or sock.type != socket.SOCK_STREAM
+        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
+        fail(f"fd {fd} is not a listening Unix stream socket")
     return sock
 
 
@@ -179,7 +275,7 @@ def _swallow_signal(signum: int, frame: object) -> None:
     """Placeholder handler: the shutdown it asks for has already happened."""
 
 
-def serve(app: FastAPI, sock: socket.socket) -> None:
+def serve(app: ASGIApp, sock: socket.socket) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn handles both and shuts down gracefully).
 
     uvicorn re-raises a captured signal after its graceful shutdown, with the
@@ -192,9 +288,12 @@ def serve(app: FastAPI, sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, _swallow_signal)
     config = uvicorn.Config(
         app,
+        interface="asgi3",
         access_log=False,  # one line per request (and per health probe) is noise in the supervisor's log
         log_level="info",
         lifespan="off",
+        proxy_headers=False,  # the only client is the supervisor, over a Unix socket
+        timeout_keep_alive=KEEP_ALIVE,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
     )
     server = uvicorn.Server(config)
@@ -205,7 +304,7 @@ def run(settings: dict[str, Any]) -> int:
     """Steps 3–4 of the protocol for an already-read settings line; returns the exit status."""
     sock = _listening_socket(settings["fd"])
     app = build_app(settings)
-    serve(app, sock)
+    serve(RequireSecret(app, settings["secret"]), sock)
     # A generation still running in a worker thread would keep the interpreter
     # alive after uvicorn returns; the process is done, so leave now.
     sys.stdout.flush()
@@ -213,4 +312,4 @@ def run(settings: dict[str, Any]) -> int:
     os._exit(0)
 
 
-__all__ = ["build_app", "model_settings", "run", "serve", "server_settings"]
+__all__ = ["RequireSecret", "build_app", "model_settings", "run", "serve", "server_settings"]

@@ -173,7 +173,8 @@ class Gateway:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             lease = await self.scheduler.acquire(model, options, req.keep_alive)
             dead_before = lease.replica.process.returncode is not None
-            post = asyncio.ensure_future(self.session.post(lease.base_url + path, json=body, timeout=timeout))
+            # Each runner has its own session: its Unix socket, its secret.
+            post = asyncio.ensure_future(lease.replica.process.post(path, json=body, timeout=timeout))
             try:
                 response = await asyncio.shield(post)
             except asyncio.CancelledError:

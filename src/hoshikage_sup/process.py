@@ -6,8 +6,25 @@ settings line, waits until ``GET /health`` answers, keeps the child's output
 (logged, and the last 8 KiB kept for error messages), notices when the child
 exits, and stops it.  Scheduling (which runner serves what, when to unload)
 is someone else's job; this module only makes one process lifecycle robust:
-no port race, no orphan, no zombie, and load errors that say what went wrong
-instead of Ollama's opaque "llama runner process has terminated".
+no socket race, no orphan, no zombie, and load errors that say what went
+wrong instead of Ollama's opaque "llama runner process has terminated".
+
+Nothing but the supervisor may talk to a runner: a request sent to it
+directly would bypass the queue and the API keys, and make the scheduler
+believe a busy runner is idle.  So a runner has no TCP port:
+
+* It listens on a Unix domain socket (mode 0600) in the supervisor's private
+  0700 runtime directory (see `hoshikage_sup.runtime`).  We bind it and pass
+  the listening descriptor to the child, so it exists before the child runs;
+  its file is removed once the child has exited.
+* It answers only requests that carry ``Authorization: Bearer <secret>``,
+  except ``GET /health``.  The secret is random per runner and reaches the
+  child only in the settings line on its stdin: not in argv, not in the
+  environment (both readable through /proc), never logged.
+* `session` is an aiohttp session bound to that socket with the secret
+  already in its headers; use it with `base_url` as the URL prefix
+  (``runner.session.get(runner.base_url + "/v1/models")``).  It is closed
+  once the child has exited.
 
 Lifecycle (``state``)::
 
@@ -32,21 +49,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import itertools
 import json
 import os
 import re
+import secrets
 import signal
 import socket
+import stat
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import aiohttp
 import structlog
 
 from hoshikage_runner.lifeline import ENV_SUPERVISOR_PID
+
+from .runtime import RuntimeDirError, check_socket_path, create_runtime_dir, remove_runtime_dir, socket_name
 
 # Bytes of child output kept for error messages (Ollama keeps the same amount).
 OUTPUT_TAIL_BYTES = 8 * 1024
@@ -58,6 +82,14 @@ READY_POLL_INTERVAL = 0.25
 READY_PROBE_TIMEOUT = 2.0
 # After the child exits, wait at most this long for the rest of its output.
 OUTPUT_DRAIN_TIMEOUT = 2.0
+# The URL prefix of every request to a runner through its `session`.  The
+# session's connector ignores the host and always connects to the runner's
+# socket; the name only shows up in the Host header.
+BASE_URL = "http://runner"
+# A connection the runner has not used for this long is closed by the
+# runner; the client side lets go of idle connections well before that, so
+# a request is never sent on a connection the runner is closing.
+KEEPALIVE_TIMEOUT = 30.0
 # A line longer than this is logged in pieces (llama.cpp prints progress dots without newlines).
 MAX_LINE_BYTES = 4096
 # Relevant lines kept for `error_summary`, and how much of each.
@@ -75,6 +107,9 @@ ERROR_LINE = re.compile(
 
 STATES = ("new", "starting", "ready", "stopping", "exited")
 OnExit = Callable[["RunnerProcess", int], None]
+
+# Socket names are numbered per supervisor, so runners never reuse a path.
+_socket_numbers = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -100,8 +135,11 @@ class RunnerSpec:
     # Not a ModelSettings field: the runner applies it itself.
     pooling_type: int | None = None
 
-    def settings(self, fd: int) -> dict[str, Any]:
-        """The JSON line sent to the child: llama_cpp.server ``ModelSettings`` fields plus ``fd``.
+    def settings(self, fd: int, secret: str) -> dict[str, Any]:
+        """The JSON line sent to the child: llama_cpp.server ``ModelSettings``
+        fields plus the runner's own ``fd`` (the listening socket), ``secret``
+        (the bearer token it must require) and ``pooling_type``.  It carries
+        the secret: never log it.
 
         ``n_threads_batch`` follows ``n_threads`` so a runner stays inside the
         thread budget the scheduler gave it (llama_cpp.server would otherwise
@@ -138,7 +176,43 @@ class RunnerSpec:
             "pooling_type": self.pooling_type,
             "verbose": True,
             "fd": fd,
+            "secret": secret,
         }
+
+
+class RunnerGone(aiohttp.ClientConnectorError):
+    """A request for a runner that has exited, refused before anything was sent.
+
+    The runner's `session` is closed once the child has exited, and aiohttp
+    answers a request on a closed session with a RuntimeError.  For a caller
+    this is a refused connection (the runner never had the request, so it may
+    go to another runner), and it is reported as one: a
+    `ClientConnectorError` carrying ECONNREFUSED.
+    """
+
+    def __init__(self, socket_path: str | None) -> None:
+        os_error = ConnectionRefusedError(errno.ECONNREFUSED, "runner has exited")
+        # ClientConnectorError.__init__ wants aiohttp's ConnectionKey, whose
+        # fields change between releases; there was no connection to key.
+        aiohttp.ClientOSError.__init__(self, os_error.errno, os_error.strerror)
+        self._os_error = os_error
+        self.path = socket_path
+        self.args = (socket_path, os_error)
+
+    @property
+    def host(self) -> str:
+        return "runner"
+
+    @property
+    def port(self) -> int | None:
+        return None
+
+    @property
+    def ssl(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"Cannot connect to unix socket {self.path} [runner has exited]"
 
 
 class RunnerLoadError(Exception):
@@ -170,7 +244,13 @@ def describe_returncode(returncode: int | None) -> str:
 
 
 class RunnerProcess:
-    """One child process serving one model on 127.0.0.1:`port` (see the module docstring)."""
+    """One child process serving one model on the Unix socket `socket_path` (see the module docstring).
+
+    ``runtime_dir`` is the private directory the socket goes in (the
+    supervisor's, from `hoshikage_sup.runtime.create_runtime_dir`); without
+    one the runner makes a private directory of its own and removes it when
+    the child has exited.
+    """
 
     def __init__(
         self,
@@ -182,6 +262,7 @@ class RunnerProcess:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         command: Sequence[str] | None = None,
+        runtime_dir: Path | str | None = None,
     ) -> None:
         self.spec = spec
         self.replica = replica
@@ -192,8 +273,12 @@ class RunnerProcess:
         self.on_exit = on_exit
         self._command = list(command) if command is not None else [python, "-m", "hoshikage_runner"]
         self._env = env
-        self.port: int = 0
-        self.base_url: str = ""
+        self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
+        self._own_dir: Path | None = None  # a directory made for this runner alone
+        self.socket_path: str | None = None  # set when the socket is bound
+        self.base_url: str = BASE_URL  # the URL prefix for requests through `session`
+        self._secret = secrets.token_urlsafe(32)  # never logged, never in argv or the environment
+        self._session: aiohttp.ClientSession | None = None
         self.pid: int | None = None
         self.started_at: float | None = None  # wall clock (time.time()) at spawn
         self.ready_at: float | None = None  # wall clock when /health first answered
@@ -214,8 +299,33 @@ class RunnerProcess:
     def __repr__(self) -> str:
         return (
             f"<RunnerProcess {self.spec.model_name}#{self.replica} pid={self.pid} "
-            f"port={self.port} state={self.state}>"
+            f"socket={self.socket_path} state={self.state}>"
         )
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client for this runner: its socket, its secret, no connection limit.
+
+        Exists from `start` on; closed once the child has exited.  Requests
+        take `base_url` as their URL prefix.
+        """
+        if self._session is None:
+            raise RuntimeError(f"{self!r}: not started")
+        return self._session
+
+    async def post(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """POST ``path`` to the runner through `session`; ``kwargs`` as for ``ClientSession.post``.
+
+        Once the runner has exited (its session is closed) this raises
+        `RunnerGone`, a ``ClientConnectorError`` like any refused connection,
+        instead of aiohttp's RuntimeError for a closed session.  The check and
+        the start of the request happen without a pause in between, so the
+        session cannot close in the gap.
+        """
+        session = self.session
+        if session.closed:
+            raise RunnerGone(self.socket_path)
+        return await session.post(self.base_url + path, **kwargs)
 
     # ------------------------------------------------------------------ start
 
@@ -233,19 +343,23 @@ class RunnerProcess:
         loop = asyncio.get_running_loop()
         try:
             sock = self._bind()
-        except OSError as e:
+        except (OSError, RuntimeDirError) as e:
             self.state = "exited"
-            raise RunnerLoadError(f"cannot bind a port for model {self.spec.model_name!r}: {e}",
+            self._remove_socket()
+            raise RunnerLoadError(f"cannot create a socket for model {self.spec.model_name!r}: {e}",
                                   model=self.spec.model_name) from e
         try:
             fd = sock.fileno()
+            self._session = self._open_session()
             await self._spawn(fd)
         except BaseException:
             sock.close()
             if self._proc is None:
                 self.state = "exited"
+                self._remove_socket()
+                await self._close_session()
             raise
-        sock.close()  # the child holds its own copy; ours would keep the port alive after it dies
+        sock.close()  # the child holds its own copy; ours would keep the socket alive after it dies
         spawned_at = loop.time()
         try:
             await self._send_settings(fd)
@@ -259,20 +373,60 @@ class RunnerProcess:
         self.ready_at = time.time()
         self.state = "ready"
         self._relevant.clear()
-        self._log.info("runner ready", port=self.port, load_duration=round(self.load_duration, 3))
+        self._log.info("runner ready", socket=self.socket_path, load_duration=round(self.load_duration, 3))
 
     def _bind(self) -> socket.socket:
-        """Bind the child's listening socket here, so the port is ours before the child exists."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        """Bind the child's listening socket here, so it exists before the child does.
+
+        The file is made 0600 before ``listen``: until then a connection
+        attempt is refused, so there is no moment when the socket accepts
+        connections under looser permissions.
+        """
+        directory = self._runtime_dir
+        if directory is None:
+            directory = self._own_dir = create_runtime_dir()
+        path = check_socket_path(directory / socket_name(next(_socket_numbers)))
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by an earlier runner of that name; anything else makes bind fail
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind(path)
+            self.socket_path = path
+            os.chmod(path, 0o600)
             sock.listen(128)
         except BaseException:
             sock.close()
             raise
-        self.port = sock.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
         return sock
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The runner's own HTTP client (see `session`)."""
+        assert self.socket_path is not None
+        connector = aiohttp.UnixConnector(path=self.socket_path, limit=0, keepalive_timeout=KEEPALIVE_TIMEOUT)
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers={"Authorization": f"Bearer {self._secret}"},
+            # Callers give each request its own timeout; a generation may take long.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,  # bytes are passed on to clients exactly as the runner sent them
+        )
+
+    async def _close_session(self) -> None:
+        if self._session is not None and not self._session.closed:
+            try:
+                await self._session.close()
+            except Exception:  # noqa: BLE001 - a runner that is gone leaves nothing to close cleanly
+                self._log.debug("closing the runner's session failed", exc_info=True)
+
+    def _remove_socket(self) -> None:
+        """Unlink the socket file (and the runner's own directory, if it has one)."""
+        if self.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+        if self._own_dir is not None:
+            remove_runtime_dir(self._own_dir)
+            self._own_dir = None
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ if self._env is None else self._env)
@@ -300,13 +454,14 @@ class RunnerProcess:
         self.started_at = time.time()
         self._last_output = asyncio.get_running_loop().time()
         self._log = self._base_log.bind(pid=self.pid)
-        self._log.info("runner spawned", port=self.port, command=self._command)
+        self._log.info("runner spawned", socket=self.socket_path, command=self._command)
         self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")
         self._watcher = asyncio.create_task(self._watch(), name=f"runner-watch-{self.pid}")
 
     async def _send_settings(self, fd: int) -> None:
+        """Write the settings line to the child's stdin; it holds the secret, so it goes nowhere else."""
         assert self._proc is not None and self._proc.stdin is not None
-        line = json.dumps(self.spec.settings(fd), separators=(",", ":")) + "\n"
+        line = json.dumps(self.spec.settings(fd, self._secret), separators=(",", ":")) + "\n"
         self._proc.stdin.write(line.encode())
         try:
             await self._proc.stdin.drain()
@@ -356,11 +511,13 @@ class RunnerProcess:
     async def _get_health(self, timeout: float) -> dict[str, Any] | None:
         """GET /health; the parsed body when the runner says it is ok, else None."""
         client_timeout = aiohttp.ClientTimeout(total=timeout)
-        async with aiohttp.ClientSession(timeout=client_timeout) as session:
-            async with session.get(f"{self.base_url}/health") as response:
-                if response.status != 200:
-                    return None
-                body = await response.json(content_type=None)
+        session = self.session
+        if session.closed:  # the child has exited; a probe racing with that is just refused
+            raise RunnerGone(self.socket_path)
+        async with session.get(f"{self.base_url}/health", timeout=client_timeout) as response:
+            if response.status != 200:
+                return None
+            body = await response.json(content_type=None)
         if isinstance(body, dict) and body.get("status") == "ok":
             return body
         return None
@@ -454,7 +611,13 @@ class RunnerProcess:
     # ------------------------------------------------------------------- exit
 
     async def _watch(self) -> None:
-        """Reap the child, drain its output, then publish the exit (state, event, on_exit)."""
+        """Reap the child, drain its output, then publish the exit (state, event, on_exit).
+
+        The socket file goes before anyone hears of the exit, so a request
+        made afterwards fails to connect (the runner never had it); the
+        session is closed after on_exit, once the scheduler no longer hands
+        this runner out.
+        """
         assert self._proc is not None and self._reader is not None
         returncode = await self._proc.wait()
         try:
@@ -467,6 +630,7 @@ class RunnerProcess:
         previous = self.state
         self.state = "exited"
         self._close_stdin()
+        self._remove_socket()
         self._exited.set()
         self._log_exit(previous, returncode)
         if self.on_exit is not None:
@@ -474,6 +638,7 @@ class RunnerProcess:
                 self.on_exit(self, returncode)
             except Exception:  # noqa: BLE001 - the callback's bug is not the runner's
                 self._log.exception("runner on_exit callback failed")
+        await self._close_session()
 
     def _log_exit(self, previous: str, returncode: int) -> None:
         how = describe_returncode(returncode)
@@ -502,8 +667,9 @@ class RunnerProcess:
         """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status.
 
         Idempotent and safe to call concurrently: every caller waits for the
-        same shutdown.  Cancelling a caller does not cancel the shutdown.
-        Before `start` it just marks the runner exited (and returns 0).
+        same shutdown, which includes closing `session`.  Cancelling a caller
+        does not cancel the shutdown.  Before `start` it just marks the
+        runner exited (and returns 0).
         """
         self.stop_requested = True
         if self._proc is None:
@@ -523,15 +689,23 @@ class RunnerProcess:
             except asyncio.TimeoutError:
                 self._log.warning("runner ignored SIGTERM, killing it", grace=grace)
                 self._kill()
-                await self._exited.wait()
+        await self._finished()
         assert self.returncode is not None
         return self.returncode
 
+    async def _finished(self) -> None:
+        """Wait until the exit is fully handled: reaped, on_exit called, session closed."""
+        assert self._watcher is not None
+        await asyncio.shield(self._watcher)
+
     async def wait(self) -> int:
-        """Wait for the child to exit (for any reason) and return its exit status."""
-        if self._proc is None:
+        """Wait for the child to exit (for any reason) and return its exit status.
+
+        Returns once the exit is fully handled (on_exit has run, `session` is closed).
+        """
+        if self._proc is None or self._watcher is None:
             raise RuntimeError(f"{self!r}: not started")
-        await self._exited.wait()
+        await self._finished()
         assert self.returncode is not None
         return self.returncode
 

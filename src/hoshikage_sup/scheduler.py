@@ -25,6 +25,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from .config import CACHE_TYPE_IDS, Config, ModelConfig
@@ -196,7 +197,7 @@ class Replica:
             "replica": self.index,
             "state": self.state,
             "pid": self.process.pid,
-            "port": self.process.port,
+            "socket": self.process.socket_path,
             "inflight": self.inflight,
             "served": self.served,
             "estimate_cpu_bytes": self.plan.cpu_bytes,
@@ -298,9 +299,13 @@ class Scheduler:
         spawn: SpawnFn | None = None,
         timer: Callable[[float, Callable[[], None]], Any] | None = None,
         clock: Callable[[], float] = time.time,
+        runtime_dir: Path | None = None,
     ):
         self.config = config
         self.planner = planner
+        # The private directory runner sockets go in (hoshikage_sup.runtime);
+        # a spawn function reads it here.  None: each runner makes its own.
+        self.runtime_dir = runtime_dir
         self._spawn = spawn or self._default_spawn
         self._timer = timer
         self._clock = clock
@@ -791,7 +796,10 @@ class Scheduler:
         )
 
     def _default_spawn(self, spec: RunnerSpec, index: int) -> RunnerProcess:
-        return RunnerProcess(spec, replica=index, log=get_logger("hoshikage.runner", model=spec.model_name, replica=index))
+        return RunnerProcess(
+            spec, replica=index, runtime_dir=self.runtime_dir,
+            log=get_logger("hoshikage.runner", model=spec.model_name, replica=index),
+        )
 
     async def _load(self, r: Replica) -> None:
         try:

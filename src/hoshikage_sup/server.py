@@ -1,11 +1,13 @@
 """`Server`: start-up, main loop and shutdown of the supervisor.
 
-start-up: pick the device source, build the planner and the scheduler, open
-the HTTP client used to reach runners, bind the listening socket, preload the
-models that ask for it, tell systemd we are ready.
+start-up: make the private directory runner sockets live in, pick the
+device source, build the planner and the scheduler, open the HTTP client
+used to reach runners, bind the listening socket, preload the models that
+ask for it, tell systemd we are ready.
 main loop: serve until SIGTERM or SIGINT.
 shutdown: stop accepting, fail waiting requests, stop every runner (SIGTERM,
-then SIGKILL after stop_timeout), close the client.
+then SIGKILL after stop_timeout), close the client, remove the runtime
+directory.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from pathlib import Path
 from typing import Callable
 
 import aiohttp
@@ -26,6 +29,7 @@ from .devices import DeviceSource, detect_source
 from .gateway import Gateway
 from .logs import get_logger
 from .planner import MemoryPlanner
+from .runtime import create_runtime_dir, remove_runtime_dir
 from .scheduler import Scheduler, SpawnFn
 from .sdnotify import notify
 
@@ -41,14 +45,17 @@ class Server:
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.runtime_dir: Path | None = None  # runner sockets, see hoshikage_sup.runtime
         self._stop = asyncio.Event()
 
     async def startup(self) -> None:
         cfg = self.config
+        self.runtime_dir = create_runtime_dir(cfg.server.runtime_dir)
+        log.info("runner sockets", runtime_dir=str(self.runtime_dir))
         if self.devices is None:
             self.devices = detect_source()
         planner = MemoryPlanner(cfg, self.devices)
-        self.scheduler = Scheduler(cfg, planner, spawn=self.spawn)
+        self.scheduler = Scheduler(cfg, planner, spawn=self.spawn, runtime_dir=self.runtime_dir)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             auto_decompress=False,
@@ -101,6 +108,8 @@ class Server:
         if self.devices is not None:
             with contextlib.suppress(Exception):
                 self.devices.close()
+        if self.runtime_dir is not None:
+            remove_runtime_dir(self.runtime_dir)  # after the runners: their sockets are in it
         log.info("stopped")
 
     async def serve(self, ready: Callable[["Server"], None] | None = None) -> None:
