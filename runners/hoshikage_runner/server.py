@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import ValidationError
 
+from hoshikage_runner import guards
 from hoshikage_runner.lifeline import fail
 
 # Seconds uvicorn waits for open requests after SIGTERM before it cancels them.
@@ -249,6 +250,7 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
         fail(f"failed to load model {model.model}: {type(e).__name__}: {e}")
     remove_doc_routes(app)
     add_health_route(app, model.model_alias or model.model)
+    guards.install(app)  # request errors before and during streams, embedding limits, grammars
     return app
 
 
