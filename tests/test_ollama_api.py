@@ -38,20 +38,24 @@ MODELS = {
 
 
 class Recorder:
-    """Stands in for the gateway's aiohttp session: records (path, body) of
-    every runner call and merges `inject` into the body as `"fake"`."""
+    """Wraps each runner's `post` (the gateway's call to a runner): records
+    (path, body) of every runner call and merges `inject` into the body as `"fake"`."""
 
-    def __init__(self, session: aiohttp.ClientSession):
-        self.session = session
+    def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.inject: dict[str, Any] = {}
 
-    def post(self, url: str, *, json: dict[str, Any], **kw: Any):
-        path = "/" + url.split("/", 3)[3]
-        self.calls.append((path, copy.deepcopy(json)))
-        if self.inject:
-            json = {**json, "fake": self.inject}
-        return self.session.post(url, json=json, **kw)
+    def wrap(self, process: Any) -> None:
+        """A FakeSpawner `on_spawn` hook."""
+        original = process.post
+
+        async def post(path: str, *, json: dict[str, Any], **kw: Any):
+            self.calls.append((path, copy.deepcopy(json)))
+            if self.inject:
+                json = {**json, "fake": self.inject}
+            return await original(path, json=json, **kw)
+
+        process.post = post
 
     def last(self) -> tuple[str, dict[str, Any]]:
         return self.calls[-1]
@@ -66,8 +70,8 @@ async def http():
 @pytest.fixture
 async def srv(make_server):
     handle = await make_server(MODELS)
-    handle.recorder = Recorder(handle.gateway.session)
-    handle.gateway.session = handle.recorder
+    handle.recorder = Recorder()
+    handle.spawner.on_spawn = handle.recorder.wrap
     return handle
 
 
@@ -461,7 +465,7 @@ async def test_runner_error_status_is_passed_on(srv, http):
     check_error(status, body, 400, "fake failure requested by the test")
     srv.recorder.inject = {"fail": 500}
     status, body, _ = await post(http, srv.url, "/api/chat", {"model": "gemma", "messages": [{"role": "user", "content": "x"}]})
-    check_error(status, body, 500, "fake failure")
+    check_error(status, body, 502, "fake failure")  # the runner failed: Bad Gateway
 
 
 async def test_failure_after_streaming_began_is_the_last_line(srv, http):

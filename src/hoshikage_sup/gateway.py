@@ -43,6 +43,7 @@ class InferenceRequest:
     body: dict[str, Any]  # OpenAI-shaped body for the runner
     keep_alive: float | None = None  # seconds; None leaves the session unchanged
     runner_options: Mapping[str, Any] | None = None  # e.g. {"n_ctx": 4096}
+    truncate: bool = False  # embeddings: cut inputs longer than the context instead of a 400
 
 
 @dataclass
@@ -170,11 +171,12 @@ class Gateway:
             total=self.config.server.request_timeout or None, sock_connect=10
         )
         path = UPSTREAM_PATHS[req.kind]
+        headers = {"X-Hoshikage-Truncate": "true"} if req.truncate else None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             lease = await self.scheduler.acquire(model, options, req.keep_alive)
             dead_before = lease.replica.process.returncode is not None
             # Each runner has its own session: its Unix socket, its secret.
-            post = asyncio.ensure_future(lease.replica.process.post(path, json=body, timeout=timeout))
+            post = asyncio.ensure_future(lease.replica.process.post(path, json=body, timeout=timeout, headers=headers))
             try:
                 response = await asyncio.shield(post)
             except asyncio.CancelledError:

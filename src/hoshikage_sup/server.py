@@ -24,9 +24,11 @@ from aiohttp import web
 
 from .api.common import Context
 from .app import build_app
+from .auth import KeyRing, is_loopback
 from .config import Config
 from .devices import DeviceSource, detect_source
 from .gateway import Gateway
+from .httpguard import ConnectionLimits, GuardedAppRunner
 from .logs import get_logger
 from .planner import MemoryPlanner
 from .runtime import create_runtime_dir, remove_runtime_dir
@@ -60,22 +62,39 @@ class Server:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             auto_decompress=False,
         )
-        context = Context(config=cfg, scheduler=self.scheduler, gateway=Gateway(cfg, self.scheduler, self.session), started=time.time())
+        keys = KeyRing.from_config(cfg.server)
+        context = Context(
+            config=cfg, scheduler=self.scheduler, gateway=Gateway(cfg, self.scheduler, self.session),
+            started=time.time(), keys=keys,
+        )
         context.extra["planner"] = planner
         context.extra["devices"] = self.devices
         app = build_app(context)
         # handler_cancellation: a client that goes away cancels its handler, so
         # it leaves the queue and its upstream request is closed.
-        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self.runner = GuardedAppRunner(
+            app, limits=ConnectionLimits.from_config(cfg.server), handler_cancellation=True, access_log=None
+        )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.server.host, cfg.server.port, reuse_address=True)
+        # A backlog as deep as the connection limit: with the default 128 a burst
+        # of connections sees drops and a client retry a second later.
+        site = web.TCPSite(
+            self.runner, cfg.server.host, cfg.server.port, reuse_address=True,
+            backlog=max(128, cfg.server.max_connections),
+        )
         await site.start()
         sockets = [s for s in (site._server.sockets if site._server else [])]  # noqa: SLF001
         self.port = sockets[0].getsockname()[1] if sockets else cfg.server.port
         log.info(
             "listening", host=cfg.server.host, port=self.port, models=sorted(cfg.models),
             max_loaded_models=self.scheduler.max_loaded, devices=type(self.devices).__name__,
+            api_keys=len(keys.api), admin_keys=len(keys.admin),
         )
+        if keys.open and not is_loopback(cfg.server.host):
+            log.warning(
+                "no API keys configured and listening beyond loopback: anyone who can reach "
+                f"{cfg.server.host}:{self.port} can use every model (set [server] api_keys or HOSHIKAGE_API_KEYS)"
+            )
         for model in cfg.models.values():
             if model.preload:
                 task = self.scheduler.preload(model)
