@@ -308,8 +308,6 @@ def measure_runner(demo_gguf: Path, n_ctx: int, n_batch: int, requests: int) -> 
     requests like the test's, and return its memory as the planner measures it."""
     import asyncio
 
-    import aiohttp
-
     from hoshikage_sup.devices import CpuSource
     from hoshikage_sup.process import RunnerProcess, RunnerSpec
 
@@ -319,11 +317,10 @@ def measure_runner(demo_gguf: Path, n_ctx: int, n_batch: int, requests: int) -> 
         proc = RunnerProcess(spec)
         await proc.start(load_timeout=120)
         try:
-            async with aiohttp.ClientSession() as s:
-                for _ in range(requests):
-                    body = {"model": "x", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
-                    async with s.post(proc.base_url + "/v1/chat/completions", json=body) as r:
-                        assert r.status == 200, await r.text()
+            for _ in range(requests):
+                body = {"model": "x", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+                async with proc.session.post(proc.base_url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
             return CpuSource().process_memory(proc.pid)
         finally:
             await proc.stop()
