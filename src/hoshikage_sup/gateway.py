@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import aiohttp
 
+from . import sse
 from .config import Config, ModelConfig
 from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, UpstreamTimeout
 from .logs import get_logger
@@ -90,24 +91,15 @@ class Upstream:
 
     async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed server-sent events (`data: {...}`), ending at `[DONE]`."""
-        buf = b""
-        async for chunk in self.iter_raw():
-            # sse-starlette ends lines with CRLF; normalise over the whole buffer
-            # so a CR and LF split across two chunks still pair up.
-            buf = (buf + chunk).replace(b"\r\n", b"\n")
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                data = b"\n".join(
-                    line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
-                )
-                if not data:
-                    continue
-                if data.strip() == b"[DONE]":
-                    return
-                try:
-                    yield json.loads(data)
-                except ValueError as e:
-                    raise RunnerFailed(f"runner sent an invalid event: {data[:200]!r}") from e
+        async for _, data in sse.split(self.iter_raw()):
+            if not data:
+                continue
+            if data == sse.DONE:
+                return
+            try:
+                yield json.loads(data)
+            except ValueError as e:
+                raise RunnerFailed(f"runner sent an invalid event: {data[:200]!r}") from e
 
     def _failure(self, e: BaseException) -> HoshikageError:
         if isinstance(e, asyncio.TimeoutError):
@@ -142,10 +134,9 @@ def _runner_failure_message(lease: Lease, e: BaseException) -> str:
 
 
 class Gateway:
-    def __init__(self, config: Config, scheduler: Scheduler, session: aiohttp.ClientSession):
+    def __init__(self, config: Config, scheduler: Scheduler):
         self.config = config
         self.scheduler = scheduler
-        self.session = session
         self._detached: set[asyncio.Task] = set()  # requests whose client left before the runner answered
 
     def resolve(self, name: Any) -> ModelConfig:

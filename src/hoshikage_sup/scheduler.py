@@ -177,10 +177,6 @@ class Replica:
         self.task: asyncio.Task | None = None
 
     @property
-    def base_url(self) -> str:
-        return self.process.base_url
-
-    @property
     def available(self) -> bool:
         return self.state == "ready" and self.inflight == 0 and not self.slot.draining
 
@@ -262,10 +258,6 @@ class Lease:
     load_duration: float  # seconds of that spent loading a runner for this request
     released: bool = False
     load_only: bool = False  # held only to learn the model is loaded; served nothing
-
-    @property
-    def base_url(self) -> str:
-        return self.replica.base_url
 
     @property
     def model(self) -> ModelConfig:

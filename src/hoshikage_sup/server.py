@@ -1,13 +1,13 @@
 """`Server`: start-up, main loop and shutdown of the supervisor.
 
 start-up: make the private directory runner sockets live in, pick the
-device source, build the planner and the scheduler, open the HTTP client
-used to reach runners, bind the listening socket, preload the models that
-ask for it, tell systemd we are ready.
+device source, build the planner and the scheduler, bind the listening
+socket behind the connection limits, preload the models that ask for it,
+tell systemd we are ready.  (Each runner has its own HTTP client, on its
+socket with its secret: see process.py.)
 main loop: serve until SIGTERM or SIGINT.
 shutdown: stop accepting, fail waiting requests, stop every runner (SIGTERM,
-then SIGKILL after stop_timeout), close the client, remove the runtime
-directory.
+then SIGKILL after stop_timeout), remove the runtime directory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import aiohttp
 from aiohttp import web
 
 from .api.common import Context
@@ -44,7 +43,6 @@ class Server:
         self.devices = devices
         self.spawn = spawn
         self.scheduler: Scheduler | None = None
-        self.session: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
         self.port: int | None = None
         self.runtime_dir: Path | None = None  # runner sockets, see hoshikage_sup.runtime
@@ -58,13 +56,9 @@ class Server:
             self.devices = detect_source()
         planner = MemoryPlanner(cfg, self.devices)
         self.scheduler = Scheduler(cfg, planner, spawn=self.spawn, runtime_dir=self.runtime_dir)
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            auto_decompress=False,
-        )
         keys = KeyRing.from_config(cfg.server)
         context = Context(
-            config=cfg, scheduler=self.scheduler, gateway=Gateway(cfg, self.scheduler, self.session),
+            config=cfg, scheduler=self.scheduler, gateway=Gateway(cfg, self.scheduler),
             started=time.time(), keys=keys,
         )
         context.extra["planner"] = planner
@@ -122,8 +116,6 @@ class Server:
         if self.runner is not None:
             with contextlib.suppress(Exception):
                 await self.runner.cleanup()
-        if self.session is not None:
-            await self.session.close()
         if self.devices is not None:
             with contextlib.suppress(Exception):
                 self.devices.close()
