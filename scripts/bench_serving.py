@@ -65,15 +65,6 @@ class Supervisor:
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
 
-    def runner_urls(self) -> list[str]:
-        """Base URLs of the runner processes, found from their listening sockets."""
-        urls = []
-        for child in psutil.Process(self.proc.pid).children():
-            for c in child.net_connections(kind="tcp"):
-                if c.status == psutil.CONN_LISTEN:
-                    urls.append(f"http://127.0.0.1:{c.laddr.port}")
-        return urls
-
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -110,23 +101,57 @@ def one_token(client: httpx.Client, url: str, model: str) -> float:
     return time.perf_counter() - t
 
 
+class DirectRunner:
+    """The baseline for "through the supervisor": a runner started here with the
+    supervisor's own runner code and the same settings, hit directly on its
+    socket with its secret (the supervisor's own runners are private)."""
+
+    def __init__(self, model: Path, *, n_ctx: int = 2048):
+        import asyncio
+        import threading
+
+        from hoshikage_sup.process import RunnerProcess, RunnerSpec
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        spec = RunnerSpec(model_name="demo", model_path=str(model), n_ctx=n_ctx,
+                          n_threads=os.cpu_count() or 1, chat_format="gemma")
+        self.proc = RunnerProcess(spec)
+        asyncio.run_coroutine_threadsafe(self.proc.start(load_timeout=300), self.loop).result(330)
+        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=self.proc.socket_path),
+                                   headers=self.proc.auth_headers())
+        self.url = "http://runner"
+
+    def close(self) -> None:
+        import asyncio
+
+        self.client.close()
+        asyncio.run_coroutine_threadsafe(self.proc.stop(), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def bench_stream(model: Path, rounds: int, max_tokens: int, requests: int) -> dict:
     sup = Supervisor('[server]\nkeep_alive = -1\n' + model_table("demo", model))
+    direct = None
     try:
         rss_idle = sup.rss()
+        direct = DirectRunner(model)
         with httpx.Client() as client:
             one_token(client, sup.url, "demo")  # load the runner
-            (direct,) = sup.runner_urls()
             via, dir_ = [], []
             for _ in range(rounds):
                 via.append(stream_rate(client, sup.url, "demo", max_tokens)[0])
-                dir_.append(stream_rate(client, direct, "demo", max_tokens)[0])
+                dir_.append(stream_rate(direct.client, direct.url, "demo", max_tokens)[0])
             lat_via, lat_dir = [], []
             for _ in range(requests):
                 lat_via.append(one_token(client, sup.url, "demo"))
-                lat_dir.append(one_token(client, direct, "demo"))
+                lat_dir.append(one_token(direct.client, direct.url, "demo"))
         rss_served = sup.rss()
     finally:
+        if direct is not None:
+            direct.close()
         sup.close()
     ratios = [a / b for a, b in zip(via, dir_)]
     return {

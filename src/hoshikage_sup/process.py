@@ -313,6 +313,11 @@ class RunnerProcess:
             raise RuntimeError(f"{self!r}: not started")
         return self._session
 
+    def auth_headers(self) -> dict[str, str]:
+        """The header that opens this runner, for a client of one's own (benchmarks
+        that compare the supervisor with its runner hit directly).  Never log it."""
+        return {"Authorization": f"Bearer {self._secret}"}
+
     async def post(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """POST ``path`` to the runner through `session`; ``kwargs`` as for ``ClientSession.post``.
 
@@ -406,7 +411,7 @@ class RunnerProcess:
         connector = aiohttp.UnixConnector(path=self.socket_path, limit=0, keepalive_timeout=KEEPALIVE_TIMEOUT)
         return aiohttp.ClientSession(
             connector=connector,
-            headers={"Authorization": f"Bearer {self._secret}"},
+            headers=self.auth_headers(),
             # Callers give each request its own timeout; a generation may take long.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,  # bytes are passed on to clients exactly as the runner sent them
