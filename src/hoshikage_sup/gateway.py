@@ -22,6 +22,7 @@ from . import sse
 from .config import Config, ModelConfig
 from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, UpstreamTimeout
 from .logs import get_logger
+from .process import describe_returncode
 from .scheduler import Lease, RunnerOptions, Scheduler
 
 log = get_logger("hoshikage.gateway")
@@ -126,10 +127,10 @@ def _runner_failure_message(lease: Lease, e: BaseException) -> str:
     proc = lease.replica.process
     msg = f"runner for model '{lease.model.name}' failed while serving the request ({type(e).__name__}: {e})"
     if proc.returncode is not None:
-        msg = f"runner for model '{lease.model.name}' exited with code {proc.returncode} while serving the request"
+        msg = (f"runner for model '{lease.model.name}' exited while serving the request "
+               f"({describe_returncode(proc.returncode)})")
         summary = proc.error_summary()
-        if summary:
-            msg += f": {summary}"
+        msg += f": {summary}" if summary else "; it printed no error"
     return msg
 
 

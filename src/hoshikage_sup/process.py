@@ -105,6 +105,15 @@ ERROR_LINE = re.compile(
     re.IGNORECASE,
 )
 
+# Output that is routine, never the reason for a failure.
+CHATTER_LINE = re.compile(
+    r"^(llama_perf_\w+|llama_print_timings|Llama\.generate:|INFO:|system_info:|"
+    r"fake runner serving)"  # the test runner's ready line is routine too
+    r"|\b(AVX|SSE3|NEON) = \d"
+    r"|\btime =\s+[\d.]+ ms"
+    r"|graphs reused ="
+)
+
 STATES = ("new", "starting", "ready", "stopping", "exited")
 OnExit = Callable[["RunnerProcess", int], None]
 
@@ -611,6 +620,10 @@ class RunnerProcess:
         if relevant:
             return "\n".join(relevant)
         lines = [line.strip() for line in self.output_tail().splitlines() if line.strip()]
+        # llama.cpp's routine chatter (timings after each request, CPU flags,
+        # uvicorn's access and lifecycle lines) explains nothing: a runner that
+        # died without a word is better described by its exit status alone.
+        lines = [line for line in lines if not CHATTER_LINE.search(line)]
         return "\n".join(line[:MAX_SUMMARY_LINE_CHARS] for line in lines[-FALLBACK_SUMMARY_LINES:])
 
     # ------------------------------------------------------------------- exit
