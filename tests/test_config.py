@@ -185,3 +185,30 @@ def test_check_accepts_shipped_example_structure(tmp_path):
     p = write(tmp_path, text)
     r = _cli("check", "--config", str(p))
     assert r.returncode == 0, r.stderr
+
+
+def test_serve_with_an_unusable_runtime_dir_exits_2(tmp_path, model_file):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    p = write(tmp_path, f'[server]\nport = 0\nruntime_dir = "{not_a_dir}"\n')
+    r = _cli("serve", "--config", str(p))
+    assert r.returncode == 2, r.stderr
+    assert "server.runtime_dir" in r.stderr and str(p) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_api_keys_from_file_and_environment(tmp_path, model_file):
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\nk-file\n\n")
+    cfg = load_config(write(tmp_path, f'[server]\napi_keys = ["k-conf"]\napi_keys_file = "{keys}"\n'),
+                      env={"HOSHIKAGE_API_KEYS": "k-env, k-env2"})
+    from hoshikage_sup.auth import KeyRing
+
+    ring = KeyRing.from_config(cfg.server)
+    assert set(ring.api) == {b"k-conf", b"k-env", b"k-env2", b"k-file"}
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, f'[server]\napi_keys_file = "{tmp_path / "missing"}"\n'), env={})
+    assert "server.api_keys_file" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[server]\napi_keys = [""]\nheader_timeout = 0\nmax_body_size = "1x"\n'), env={})
+    assert {"server.api_keys", "server.header_timeout", "server.max_body_size"} <= {
+        line.split(": ")[1] for line in e.value.problems}

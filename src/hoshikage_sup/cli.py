@@ -38,11 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cfg.source}: ok, {len(cfg.models)} model(s): {', '.join(sorted(cfg.models)) or '(none)'}")
         return 0
     from .logs import setup_logging
+    from .runtime import RuntimeDirError
     from .server import Server
 
     setup_logging(cfg.server.log_level)
     try:
         Server(cfg).run()
+    except RuntimeDirError as e:  # where runner sockets go: a setting to fix, like any config error
+        where = f"{cfg.source}: server.runtime_dir" if cfg.server.runtime_dir else "XDG_RUNTIME_DIR / temp directory"
+        print(f"hoshikage: config error: {where}: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # the port is taken, say so plainly
         print(f"hoshikage: cannot serve on {cfg.server.host}:{cfg.server.port}: {e.strerror or e}", file=sys.stderr)
         return 1
