@@ -371,3 +371,47 @@ async def test_grammars_that_crashed_the_runner_are_400s_on_the_real_model(tmp_p
         assert "llama_perf" not in message and "time =" not in message, message
     finally:
         await server.shutdown()
+
+
+# ------------------------------------------------------------------ 4. overflow on the real model, every endpoint
+
+
+@pytest.mark.model
+async def test_a_prompt_over_the_context_is_a_400_with_the_numbers_everywhere(tmp_path, demo_model, http):
+    from hoshikage_sup.config import parse_config
+    from hoshikage_sup.devices import SimulatedSource
+    from hoshikage_sup.server import Server
+
+    cfg = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "models": {
+            "gemma": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "chat_format": "gemma"},
+            "emb": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "embedding": True},
+        },
+    }, base_dir=tmp_path)
+    server = Server(cfg, devices=SimulatedSource(system_total=64 * 2**30))
+    await server.startup()
+    long = "star light " * 400  # about 800 tokens, over n_ctx 256
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        cases = [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}], "stream": True}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}),
+            ("/v1/completions", {"prompt": long, "stream": True}),
+            ("/api/chat", {"messages": [{"role": "user", "content": long}]}),  # Ollama streams by default
+            ("/api/generate", {"prompt": long, "stream": False}),
+        ]
+        for path, body in cases:
+            status, answer, headers = await post_json(http, url + path, {"model": "gemma", **body})
+            assert status == 400, (path, body.get("stream"), answer)
+            message = ollama_error(answer) if path.startswith("/api/") else openai_error(answer)["message"]
+            assert "256" in message and "None" not in message, message
+            assert headers["Content-Type"].startswith("application/json")
+        for path, body in (("/v1/embeddings", {"input": long}), ("/api/embed", {"input": [long]})):
+            status, answer, _ = await post_json(http, url + path, {"model": "emb", **body})
+            assert status == 400, (path, answer)
+            status, answer, _ = await post_json(http, url + path, {"model": "emb", "truncate": True, **body})
+            assert status == 200, (path, answer)
+        assert server.scheduler.counters["crashes"] == 0
+    finally:
+        await server.shutdown()
