@@ -148,8 +148,8 @@ def grammar_text(value: Any, *, param: str = "grammar", vocab_size: int | None =
         raise BadRequest(f"invalid {param}: expected a GBNF grammar as a string, got {_show(value)}", param=param)
     try:
         check_grammar(value, vocab_size=vocab_size)
-    except GrammarError as e:
-        raise BadRequest(f"invalid {param}: {e}", param=param) from None
+    except GrammarError as e:  # its message starts "invalid grammar ..." already
+        raise BadRequest(str(e) if param == "grammar" else f"invalid {param}: {e}", param=param) from None
     return value
 
 
