@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Protocol
 from .config import CACHE_TYPE_IDS, Config, ModelConfig
 from .devices import ProcessMemory
 from .durations import FOREVER, format_duration
-from .errors import HoshikageError, InsufficientMemory, ModelLoadError, QueueFull, ShuttingDown
+from .errors import HoshikageError, InsufficientMemory, ModelLoadError, ModelNotFound, QueueFull, ShuttingDown
 from .logs import get_logger
 from .process import RunnerLoadError, RunnerProcess, RunnerSpec
 
@@ -99,6 +99,18 @@ class RunnerOptions:
             "cache_type_k": self.cache_type_k,
             "cache_type_v": self.cache_type_v,
         }
+
+
+def _runner_fields(model: ModelConfig) -> tuple[Any, ...]:
+    """What decides how a model's runner is started: equal for two configs of
+    a model means its running runners are still right after a reload."""
+    return (str(model.path), RunnerOptions.for_model(model), model.chat_format, model.embedding)
+
+
+def _overrides(options: RunnerOptions, defaults: RunnerOptions) -> dict[str, Any]:
+    """The fields a request set differently from its model's defaults."""
+    mine, base = options.describe(), defaults.describe()
+    return {k: v for k, v in mine.items() if v != base[k]}
 
 
 # ------------------------------------------------------------------ memory planning interface
@@ -390,6 +402,60 @@ class Scheduler:
         self._drain(slot, "unload")
         self._schedule()
         return True
+
+    def apply_config(self, config: Config) -> dict[str, list[str]]:
+        """Take a new, already validated config (a reload).
+
+        Server settings read from `config` apply at once (max_loaded_models,
+        max_queue, timeouts, the keep_alive default).  Per model: one whose
+        runner would be started the same way keeps its runners (its other
+        settings, such as keep_alive, pinned or aliases, apply at once); one
+        whose runner would differ drains and is loaded anew by the next
+        request that wants it; one that is gone drains and its waiting
+        requests get 404; a new one can be requested.  Returns the model names
+        by what happened to them.
+        """
+        old_models = self.config.models
+        old_defaults = {name: self.default_session(slot.model) for name, slot in self.slots.items()}
+        self.config = config
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "updated": [], "unchanged": []}
+        for name in sorted(set(old_models) | set(config.models)):
+            old, new = old_models.get(name), config.models.get(name)
+            if old is None:
+                changes["added"].append(name)
+            elif new is None:
+                changes["removed"].append(name)
+            elif _runner_fields(old) != _runner_fields(new):
+                changes["restarted"].append(name)
+            elif old != new:
+                changes["updated"].append(name)
+            else:
+                changes["unchanged"].append(name)
+        for q in list(self.pending):
+            new = config.models.get(q.model.name)
+            if new is None:
+                self.pending.remove(q)
+                if not q.future.done():
+                    q.future.set_exception(ModelNotFound(q.model.name))
+            elif new is not q.model:
+                asked = _overrides(q.options, RunnerOptions.for_model(q.model))
+                q.model, q.options = new, RunnerOptions.for_model(new, asked)
+        for name, slot in list(self.slots.items()):
+            if name in changes["removed"]:
+                self._drain(slot, "removed")
+            elif name in changes["restarted"]:
+                slot.model = config.models[name]
+                self._drain(slot, "reload")
+            else:
+                slot.model = config.models[name]
+                # A session that is still the default follows the new default;
+                # one a request set stays as it was.
+                if slot.session == old_defaults[name] or slot.model.pinned:
+                    slot.session = self.default_session(slot.model)
+                if slot.armed:
+                    self._cancel_expiry(slot)  # armed again by the pass, with the new session
+        self._schedule()
+        return changes
 
     def set_session(self, name: str, keep_alive: float) -> None:
         slot = self.slots.get(name)
