@@ -25,15 +25,17 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from .config import CACHE_TYPE_IDS, Config, ModelConfig
 from .devices import ProcessMemory
 from .durations import FOREVER, format_duration
+from .events import EventLog
 from .errors import HoshikageError, InsufficientMemory, ModelLoadError, ModelNotFound, QueueFull, ShuttingDown
 from .logs import get_logger
-from .process import RunnerLoadError, RunnerProcess, RunnerSpec
+from .process import RunnerLoadError, RunnerProcess, RunnerSpec, describe_returncode
 
 log = get_logger("hoshikage.scheduler")
 
@@ -171,8 +173,27 @@ class Planner(Protocol):
 _replica_ids = itertools.count(1)
 
 
+class ReplicaState(StrEnum):
+    """The lifecycle of one runner process (see TRANSITIONS and docs/design.md)."""
+
+    LOADING = "loading"  # spawned, loading its model
+    READY = "ready"  # serving; available when it holds no lease
+    STOPPING = "stopping"  # asked to stop (drained, or shutdown)
+    GONE = "gone"  # exited: stopped, failed to load or crashed
+
+
+# Every transition a replica may make; anything else is a bug.
+TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
+    ReplicaState.LOADING: frozenset({ReplicaState.READY, ReplicaState.STOPPING, ReplicaState.GONE}),
+    ReplicaState.READY: frozenset({ReplicaState.STOPPING, ReplicaState.GONE}),
+    ReplicaState.STOPPING: frozenset({ReplicaState.GONE}),
+    ReplicaState.GONE: frozenset(),
+}
+
+
 class Replica:
-    """One runner process of a slot.  States: loading → ready → stopping → gone."""
+    """One runner process of a slot; its `state` changes only through
+    `Scheduler._transition`, which checks TRANSITIONS and records the event."""
 
     def __init__(self, slot: "Slot", plan: LoadPlan, process: RunnerProcess, index: int):
         self.id = next(_replica_ids)
@@ -180,7 +201,7 @@ class Replica:
         self.slot = slot
         self.plan = plan
         self.process = process
-        self.state = "loading"
+        self.state = ReplicaState.LOADING
         self.inflight = 0
         self.served = 0
         self.loaded_at: float | None = None
@@ -190,7 +211,7 @@ class Replica:
 
     @property
     def available(self) -> bool:
-        return self.state == "ready" and self.inflight == 0 and not self.slot.draining
+        return self.state == ReplicaState.READY and self.inflight == 0 and not self.slot.draining
 
     def footprint_cpu(self) -> int:
         return self.measured.rss if self.measured is not None else self.plan.cpu_bytes
@@ -242,14 +263,14 @@ class Slot:
 
     @property
     def loading(self) -> bool:
-        return any(r.state == "loading" for r in self.replicas)
+        return any(r.state == ReplicaState.LOADING for r in self.replicas)
 
     @property
     def ready(self) -> bool:
-        return any(r.state == "ready" for r in self.replicas)
+        return any(r.state == ReplicaState.READY for r in self.replicas)
 
     def live_replicas(self) -> list[Replica]:
-        return [r for r in self.replicas if r.state in ("loading", "ready")]
+        return [r for r in self.replicas if r.state in (ReplicaState.LOADING, ReplicaState.READY)]
 
     def state(self) -> str:
         if self.draining:
@@ -277,7 +298,7 @@ class Lease:
 
     @property
     def alive(self) -> bool:
-        return self.replica.state == "ready"
+        return self.replica.state == ReplicaState.READY
 
 
 @dataclass
@@ -316,6 +337,7 @@ class Scheduler:
         self.slots: dict[str, Slot] = {}
         self.pending: list[Pending] = []
         self._stopping: set[asyncio.Task] = set()
+        self.events = EventLog()
         self._recovering = 0
         self._closed = False
         self._in_schedule = False
@@ -478,9 +500,9 @@ class Scheduler:
         (RSS grows as a runner touches its mmap'd weights)."""
         out = []
         for slot in sorted(self.slots.values(), key=lambda s: s.name):
-            live = [r for r in slot.replicas if r.state != "gone"]
+            live = [r for r in slot.replicas if r.state != ReplicaState.GONE]
             for r in live:
-                if r.state == "ready":
+                if r.state == ReplicaState.READY:
                     with contextlib.suppress(Exception):
                         self.planner.measure(r)
             out.append(
@@ -691,7 +713,7 @@ class Scheduler:
         load = (now - p.load_started) if p.load_started is not None else 0.0
         if r is None:  # load-only request: no replica is held
             slot = self.slots[p.model.name]
-            r = next(x for x in slot.replicas if x.state == "ready")
+            r = next(x for x in slot.replicas if x.state == ReplicaState.READY)
             lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load, load_only=True)
             r.inflight += 1
         else:
@@ -778,11 +800,21 @@ class Scheduler:
                 # What stays is still loading, or RAM is short for the moment:
                 # wait for a change.
                 return False
+        # Why: the count of loaded models, memory, or both (with the numbers).
+        first = self.planner.fits(plan, keep, [])
+        why = "count" if self._loaded_count() >= self.max_loaded else "memory"
+        if why == "count" and not first.ok:
+            why = "count+memory"
+        numbers = {"loaded": self._loaded_count(), "max_loaded_models": self.max_loaded}
+        if not first.ok:
+            numbers.update(needed=first.needed, available=first.available)
         for v in victims:
             log.info(
                 "evicting", victim=v.name, for_model=model.name, victim_refcount=v.refcount,
                 victim_session=format_duration(v.session),
             )
+            self.events.record("evicting", v.name, why, for_model=model.name, refcount=v.refcount,
+                               session=format_duration(v.session), **numbers)
             self.counters["evictions"] += 1
             self._drain(v, "evict")
         return False
@@ -791,7 +823,7 @@ class Scheduler:
         return sum(1 for s in self.slots.values() if s.live_replicas() or s.draining)
 
     def _live_replicas(self) -> list[Replica]:
-        return [r for s in self.slots.values() for r in s.replicas if r.state in ("loading", "ready", "stopping")]
+        return [r for s in self.slots.values() for r in s.replicas if r.state != ReplicaState.GONE]
 
     def _start_load(self, p: Pending, plan: LoadPlan) -> None:
         session = p.keep_alive if p.keep_alive is not None else self.default_session(p.model)
@@ -828,8 +860,8 @@ class Scheduler:
         replica = Replica(slot, plan, process, index)
         process.on_exit = lambda proc, code, r=replica: self._on_exit(r, code)
         slot.replicas.append(replica)
-        log.info(
-            "loading", model=slot.name, replica=index, reason=reason, n_ctx=plan.n_ctx,
+        self.events.record(
+            "loading", slot.name, reason, replica=index, pid=process.pid, n_ctx=plan.n_ctx,
             n_gpu_layers=plan.n_gpu_layers, estimate_cpu=plan.cpu_bytes, estimate_gpu=plan.gpu_bytes,
         )
         replica.task = asyncio.ensure_future(self._load(replica))
@@ -878,7 +910,7 @@ class Scheduler:
             return
         except Exception as e:  # a bug or an OS error: never leave waiters hanging
             log.exception("load crashed", model=r.slot.name)
-            r.state = "gone"
+            self._transition(r, ReplicaState.GONE, "load_failed", "supervisor", error=f"{type(e).__name__}: {e}")
             with contextlib.suppress(Exception):
                 await r.process.stop(grace=self.config.server.stop_timeout)
             slot = r.slot
@@ -889,9 +921,10 @@ class Scheduler:
             self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
             self._schedule()
             return
-        if r.state != "loading":  # stopped while loading (shutdown)
+        if r.state != ReplicaState.LOADING:  # stopped while loading (shutdown)
             return
-        r.state = "ready"
+        self._transition(r, ReplicaState.READY, "ready", "loaded",
+                         load_seconds=round(r.process.load_duration or 0.0, 3))
         r.loaded_at = time.monotonic()
         self.counters["loads"] += 1
         with contextlib.suppress(Exception):
@@ -912,6 +945,14 @@ class Scheduler:
             if q.model.name == model.name and q.options == options and not q.future.done():
                 q.future.set_exception(error)
                 self.pending.remove(q)
+
+    def _transition(self, r: Replica, new: ReplicaState, kind: str, reason: str, **detail: Any) -> None:
+        """The one way a replica changes state: checked against TRANSITIONS,
+        logged and recorded as an event (`kind`, `reason`, `detail`)."""
+        if new not in TRANSITIONS[r.state]:
+            raise RuntimeError(f"replica {r.slot.name}#{r.index}: {r.state} → {new} is not a transition")
+        r.state = new
+        self.events.record(kind, r.slot.name, reason, replica=r.index, pid=r.process.pid, **detail)
 
     # ------------------------------------------------------------ expiry and stopping
 
@@ -951,6 +992,7 @@ class Scheduler:
         if slot.draining:
             return
         slot.draining = reason
+        self.events.record("draining", slot.name, reason, refcount=slot.refcount)
         self._cancel_expiry(slot)
         self._maybe_stop(slot)
 
@@ -959,23 +1001,25 @@ class Scheduler:
         finishes loading first (killing it mid-load wastes the work and can
         leave GPU memory in limbo)."""
         for r in slot.replicas:
-            if r.state == "ready" and r.inflight == 0:
+            if r.state == ReplicaState.READY and r.inflight == 0:
                 self._stop_replica(r)
         if not slot.replicas and self.slots.get(slot.name) is slot:
             del self.slots[slot.name]
 
     def _stop_replica(self, r: Replica) -> None:
-        r.state = "stopping"
+        self._transition(r, ReplicaState.STOPPING, "stopping", r.slot.draining or "stop")
         baseline = self.planner.gpu_free() if r.footprint_gpu() else {}
         task = asyncio.ensure_future(self._stop_and_recover(r, baseline))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
     async def _stop_replica_now(self, r: Replica) -> None:
-        r.state = "stopping"
+        if r.state in (ReplicaState.LOADING, ReplicaState.READY):
+            self._transition(r, ReplicaState.STOPPING, "stopping", "shutdown")
         with contextlib.suppress(Exception):
             await r.process.stop(grace=self.config.server.stop_timeout)
-        r.state = "gone"
+        if r.state != ReplicaState.GONE:
+            self._transition(r, ReplicaState.GONE, "stopped", "shutdown", code=r.process.returncode)
 
     async def _stop_and_recover(self, r: Replica, baseline: dict[int, int]) -> None:
         slot = r.slot
@@ -986,6 +1030,8 @@ class Scheduler:
         try:
             with contextlib.suppress(Exception):
                 await r.process.stop(grace=self.config.server.stop_timeout)
+            if r.state != ReplicaState.GONE:
+                self._transition(r, ReplicaState.GONE, "stopped", slot.draining or "stop", code=r.process.returncode)
             self._remove_replica(r)
             self._schedule()
             if gpu:
@@ -1001,7 +1047,6 @@ class Scheduler:
             self._schedule()
 
     def _remove_replica(self, r: Replica) -> None:
-        r.state = "gone"
         slot = r.slot
         if r in slot.replicas:
             slot.replicas.remove(r)
@@ -1016,16 +1061,14 @@ class Scheduler:
         in-flight requests on it fail (the gateway retries those that had not
         started), the replica is replaced at once while the model's session
         lasts, and waiting requests are served by the replacement."""
-        if r.state in ("stopping", "gone") or self._closed:
+        if r.state in (ReplicaState.STOPPING, ReplicaState.GONE) or self._closed:
             return
-        if r.state == "loading":
+        if r.state == ReplicaState.LOADING:
             return  # start() raises RunnerLoadError; _load handles it
         slot = r.slot
         self.counters["crashes"] += 1
-        log.error(
-            "runner crashed", model=slot.name, replica=r.index, pid=r.process.pid, code=code,
-            last_lines=r.process.error_summary(),
-        )
+        self._transition(r, ReplicaState.GONE, "crashed", describe_returncode(code), code=code,
+                         inflight=r.inflight, last_lines=r.process.error_summary())
         self._remove_replica(r)
         # The same slot object stays registered only while other replicas live;
         # otherwise restart it proactively unless it was on its way out.
@@ -1046,7 +1089,7 @@ class Scheduler:
             plan = self.planner.plan(slot.model, slot.options, [])
             if self.planner.fits(plan, keep, []).ok:
                 self.counters["restarts"] += 1
-                self._launch(slot, plan, reason="restart after crash")
+                self._launch(slot, plan, reason="crash")
         except Exception:  # noqa: BLE001 - the next request loads it again
             log.exception("restart after crash failed", model=slot.name)
         if not slot.replicas and self.slots.get(slot.name) is slot:

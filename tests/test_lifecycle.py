@@ -1,0 +1,65 @@
+"""The replica state machine and the events it records, with fake runners."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from hoshikage_sup.scheduler import TRANSITIONS, ReplicaState
+from httputil import post_json
+
+DEADLINE = 60.0
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
+        yield s
+
+
+def chat(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_transition_table_is_a_lifecycle():
+    S = ReplicaState
+    assert TRANSITIONS[S.GONE] == frozenset()  # nothing comes back from gone
+    assert S.LOADING not in set().union(*TRANSITIONS.values())  # a replica starts loading, once
+    assert TRANSITIONS[S.STOPPING] == {S.GONE}
+    assert S.READY in TRANSITIONS[S.LOADING] and S.GONE in TRANSITIONS[S.READY]  # crash
+
+
+async def test_every_transition_is_an_event_with_its_reason(make_server, http):
+    h = await make_server({"a": {}, "b": {}}, server={"max_loaded_models": 1})
+    sched = h.scheduler
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("a")))[0] == 200
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("b")))[0] == 200  # evicts a: count
+    pid = sched.slots["b"].replicas[0].process.pid
+    os.kill(pid, signal.SIGKILL)
+    await sched.wait_until(lambda: sched.slots.get("b") and sched.slots["b"].ready
+                           and sched.slots["b"].replicas[0].process.pid != pid, DEADLINE)
+    events = [(e.kind, e.model, e.reason) for e in sched.events.recent()]
+    assert events[:2] == [("loading", "a", "request"), ("ready", "a", "loaded")]
+    assert ("evicting", "a", "count") in events
+    assert ("draining", "a", "evict") in events
+    assert ("stopping", "a", "evict") in events and ("stopped", "a", "evict") in events
+    assert ("crashed", "b", "killed by signal SIGKILL") in events
+    assert events[-2:] == [("loading", "b", "crash"), ("ready", "b", "loaded")]
+    evicting = next(e for e in sched.events.recent() if e.kind == "evicting")
+    assert evicting.detail["for_model"] == "b" and evicting.detail["max_loaded_models"] == 1
+    crashed = next(e for e in sched.events.recent() if e.kind == "crashed")
+    assert crashed.pid == pid and crashed.detail["code"] == -signal.SIGKILL
+
+
+async def test_an_illegal_transition_is_refused(make_server, http):
+    h = await make_server({"a": {}})
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("a")))[0] == 200
+    r = h.scheduler.slots["a"].replicas[0]
+    with pytest.raises(RuntimeError, match="ready → loading is not a transition"):
+        h.scheduler._transition(r, ReplicaState.LOADING, "loading", "bug")
+    assert r.state == ReplicaState.READY
+    await asyncio.sleep(0)
