@@ -52,6 +52,7 @@ class ServerConfig:
     max_queue: int = 512
     load_timeout: float = 300.0
     stop_timeout: float = 5.0  # SIGTERM → SIGKILL grace
+    shutdown_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     request_timeout: float = 0.0  # 0 = no server-side limit
     log_level: str = "info"
     # Where runners' Unix sockets live (a private 0700 directory is made in it);
@@ -271,7 +272,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
 
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
-    "stop_timeout", "request_timeout", "log_level", "runtime_dir", "api_keys", "api_keys_file",
+    "stop_timeout", "shutdown_timeout", "request_timeout", "log_level", "runtime_dir", "api_keys", "api_keys_file",
     "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
     "max_connections", "max_body_size",
 }
@@ -300,6 +301,7 @@ def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> Server
         max_queue=_take(c, "server.max_queue", t, "max_queue", _int(1), d.max_queue),
         load_timeout=_take(c, "server.load_timeout", t, "load_timeout", _timeout, d.load_timeout),
         stop_timeout=_take(c, "server.stop_timeout", t, "stop_timeout", _timeout, d.stop_timeout),
+        shutdown_timeout=_take(c, "server.shutdown_timeout", t, "shutdown_timeout", _positive_timeout, d.shutdown_timeout),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
         runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),
