@@ -63,3 +63,18 @@ async def test_an_illegal_transition_is_refused(make_server, http):
         h.scheduler._transition(r, ReplicaState.LOADING, "loading", "bug")
     assert r.state == ReplicaState.READY
     await asyncio.sleep(0)
+
+
+async def test_a_replacement_after_a_crash_keeps_what_was_left_of_the_session(make_server, http):
+    h = await make_server({"a": {"keep_alive": "20s"}})
+    sched = h.scheduler
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("a")))[0] == 200
+    await sched.wait_until(lambda: sched.slots["a"].expires_at is not None, DEADLINE)
+    expires = sched.slots["a"].expires_at
+    await asyncio.sleep(1.5)
+    pid = sched.slots["a"].replicas[0].process.pid
+    os.kill(pid, signal.SIGKILL)
+    await sched.wait_until(lambda: sched.slots.get("a") is not None and sched.slots["a"].ready
+                           and sched.slots["a"].replicas[0].process.pid != pid
+                           and sched.slots["a"].expires_at is not None, DEADLINE)
+    assert abs(sched.slots["a"].expires_at - expires) < 0.5  # not a fresh 20 s from the restart

@@ -353,14 +353,36 @@ async def test_crash_mid_request_gives_502_and_the_replica_is_restarted(make_ser
     assert ready_pids(sched, "m") == [new]
 
 
-async def test_a_runner_that_keeps_crashing_is_restarted_three_times_then_left(make_server, http):
+async def test_a_runner_that_keeps_crashing_is_restarted_with_a_growing_delay(make_server, http):
     h = await make_server({"m": {"preload": True}}, model_env={"m": {"FAKE_CRASH_AFTER": "0.3"}})
     sched = h.scheduler
-    await wait_until(lambda: sched.counters["crashes"] == 4 and "m" not in sched.slots,
-                     what="the fourth crash to leave the model unloaded")
-    assert sched.counters["restarts"] == 3 and sched.counters["requests"] == 1  # the preload only
-    await asyncio.sleep(0.5)
-    assert len(h.spawner.processes) == 4 and "m" not in sched.slots
+    await wait_until(lambda: sched.counters["crashes"] >= 4, what="four crashes")
+    events = sched.events.recent(model="m")
+    crashes = [e.time for e in events if e.kind == "crashed"]
+    restarts = [e.time for e in events if e.kind == "loading" and e.reason == "crash"]
+    gaps = [start - crash for crash, start in zip(crashes, restarts)]
+    # At once, then 1 s, then 2 s (policy.restart_delay); never given up on.
+    assert gaps[0] < 0.5 and 0.9 <= gaps[1] < 1.9 and 1.9 <= gaps[2] < 3.5, gaps
+    assert [e.detail["delay"] for e in events if e.kind == "backoff"][:2] == [1.0, 2.0]
+    assert sched.counters["requests"] == 1  # the preload only: restarts need no request
+    await sched.wait_until(lambda: sched.counters["crashes"] >= 5, DEADLINE)
+
+
+async def test_a_model_that_keeps_failing_to_load_cools_down_with_retry_after(make_server, http):
+    h = await make_server({"bad": {}, "good": {}}, model_env={"bad": {"FAKE_LOAD_FAIL": "tensor 'blk.7' is corrupt"}})
+    for _ in range(3):
+        status, body, _ = await post(http, h.url, chat_body("bad"))
+        assert status == 500 and "blk.7" in assert_openai_error(body)
+    status, body, headers = await post(http, h.url, chat_body("bad"))
+    assert status == 503, body
+    assert int(headers["Retry-After"]) >= 1
+    message = assert_openai_error(body)
+    assert "cooling down" in message and "blk.7" in message
+    assert len(h.spawner.of("bad")) == 3  # no fourth load while cooling down
+    assert (await chat(http, h.url, "good"))["model"] == "good"  # others unaffected
+    await asyncio.sleep(int(headers["Retry-After"]) + 0.2)
+    status, body, _ = await post(http, h.url, chat_body("bad"))
+    assert status == 500 and len(h.spawner.of("bad")) == 4  # tried again after the cooldown
 
 
 async def test_crash_mid_stream_ends_the_stream_with_an_error_event(make_server, http):

@@ -37,7 +37,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except HoshikageError as e:
         headers = None
-        if isinstance(e, QueueFull):
+        if getattr(e, "retry_after", None) is not None:  # QueueFull, ModelCoolingDown
             headers = {"Retry-After": str(e.retry_after)}
         elif isinstance(e, Unauthorized):
             headers = {"WWW-Authenticate": 'Bearer realm="hoshikage"'}

@@ -77,6 +77,18 @@ class QueueFull(HoshikageError):
         self.retry_after = retry_after
 
 
+class ModelCoolingDown(HoshikageError):
+    """The model failed to load several times in a row and rests before the next try."""
+
+    status = 503
+    kind = "server_busy"
+    code = "model_cooling_down"
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message, param="model")
+        self.retry_after = retry_after
+
+
 class ShuttingDown(HoshikageError):
     status = 503
     kind = "server_busy"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -32,17 +33,22 @@ from typing import Any, Callable, Mapping, Protocol
 from .config import CACHE_TYPE_IDS, Config, ModelConfig
 from .devices import ProcessMemory
 from .durations import FOREVER, format_duration
+from . import policy
 from .events import EventLog
-from .errors import HoshikageError, InsufficientMemory, ModelLoadError, ModelNotFound, QueueFull, ShuttingDown
+from .errors import (
+    HoshikageError,
+    InsufficientMemory,
+    ModelCoolingDown,
+    ModelLoadError,
+    ModelNotFound,
+    QueueFull,
+    ShuttingDown,
+)
 from .logs import get_logger
 from .process import RunnerLoadError, RunnerProcess, RunnerSpec, describe_returncode
 
 log = get_logger("hoshikage.scheduler")
 
-# Crash restarts: at most this many within the window, then the slot is left to
-# the next request (which reloads it) so a model that cannot run does not loop.
-RESTART_LIMIT = 3
-RESTART_WINDOW = 60.0
 
 
 # ------------------------------------------------------------------ options
@@ -113,6 +119,10 @@ def _overrides(options: RunnerOptions, defaults: RunnerOptions) -> dict[str, Any
     """The fields a request set differently from its model's defaults."""
     mine, base = options.describe(), defaults.describe()
     return {k: v for k, v in mine.items() if v != base[k]}
+
+
+def _load_of(r: "Replica") -> policy.ReplicaLoad:
+    return policy.ReplicaLoad(index=r.index, available=r.available, inflight=r.inflight, served=r.served)
 
 
 # ------------------------------------------------------------------ memory planning interface
@@ -251,7 +261,7 @@ class Slot:
         self.expires_at: float | None = None  # wall-clock time, for the APIs
         self.timer: Any = None
         self.armed = False  # the idle countdown is set (or the session is forever)
-        self.restarts: list[float] = []
+        self.resume_at: float | None = None  # after a crash: when the interrupted session ends
 
     @property
     def name(self) -> str:
@@ -302,6 +312,16 @@ class Lease:
 
 
 @dataclass
+class ModelHealth:
+    """A model's failures in a row, kept across its slots (a slot goes with its last runner)."""
+
+    crashes: int = 0  # reset by a runner that stays up policy.HEALTHY_RESET seconds
+    load_failures: int = 0  # reset by a load that succeeds
+    retry_at: float = 0.0  # monotonic: no new load before this (crash backoff or cooldown)
+    last_error: str = ""
+
+
+@dataclass
 class Pending:
     model: ModelConfig
     options: RunnerOptions
@@ -349,6 +369,7 @@ class Scheduler:
             "scheduling_errors": 0,
         }
         self.leases: set[Lease] = set()  # every lease handed out and not yet released
+        self.health: dict[str, ModelHealth] = {}  # failures in a row, per model, across its slots
 
     # ------------------------------------------------------------ limits
 
@@ -704,8 +725,7 @@ class Scheduler:
             p.future.set_exception(error)
 
     def _pick_replica(self, slot: Slot) -> Replica | None:
-        free = [r for r in slot.replicas if r.available]
-        return min(free, key=lambda r: (r.inflight, r.served)) if free else None
+        return policy.pick_replica([(r, _load_of(r)) for r in slot.replicas])
 
     def _grant(self, p: Pending, r: Replica | None) -> None:
         self.pending.remove(p)
@@ -728,11 +748,7 @@ class Scheduler:
             slot.session = p.keep_alive
 
     def _want_replica(self, slot: Slot) -> bool:
-        """One more replica only if every live one is busy and more are allowed."""
-        live = slot.live_replicas()
-        if len(live) >= slot.model.parallel or slot.loading:
-            return False
-        return all(r.inflight > 0 for r in live)
+        return policy.wants_another_replica([_load_of(r) for r in slot.live_replicas()], slot.model.parallel, slot.loading)
 
     # ------------------------------------------------------------ loading
 
@@ -742,17 +758,28 @@ class Scheduler:
         then shortest session first, "forever" last, then name.  Pinned,
         loading and already draining slots are not candidates."""
         waiting = {p.model.name for p in self.pending}
-        out = [
-            s for s in self.slots.values()
+        slots = {
+            s.name: s for s in self.slots.values()
             if s.name != exclude and not s.model.pinned and not s.loading and not s.draining
-        ]
-        return sorted(
-            out, key=lambda s: (s.refcount > 0, s.name in waiting, s.session == FOREVER, s.session, s.name)
+        }
+        order = policy.eviction_order(
+            [policy.Candidate(s.name, s.refcount, s.session, s.name in waiting) for s in slots.values()]
         )
+        return [slots[c.name] for c in order]
 
     def _try_load(self, p: Pending) -> bool:
         """Decide a load for `p`.  Returns False when later loads must wait."""
         model, options = p.model, p.options
+        health = self.health.get(model.name)
+        now = time.monotonic()
+        if health is not None and health.retry_at > now:
+            if policy.in_cooldown(health.load_failures):
+                self._fail_options(model, options, ModelCoolingDown(
+                    f"model '{model.name}' failed to load {health.load_failures} times in a row and is cooling "
+                    f"down; try again in {math.ceil(health.retry_at - now)} s. Last error: {health.last_error}",
+                    retry_after=math.ceil(health.retry_at - now),
+                ))
+            return True  # crash backoff: the replacement starts when it is over (see _restart)
         keep = self._live_replicas()
         if self._options_fail(p):
             return True
@@ -925,6 +952,7 @@ class Scheduler:
             return
         self._transition(r, ReplicaState.READY, "ready", "loaded",
                          load_seconds=round(r.process.load_duration or 0.0, 3))
+        self._health_of(r.slot.name).load_failures = 0
         r.loaded_at = time.monotonic()
         self.counters["loads"] += 1
         with contextlib.suppress(Exception):
@@ -946,6 +974,9 @@ class Scheduler:
                 q.future.set_exception(error)
                 self.pending.remove(q)
 
+    def _health_of(self, name: str) -> ModelHealth:
+        return self.health.setdefault(name, ModelHealth())
+
     def _transition(self, r: Replica, new: ReplicaState, kind: str, reason: str, **detail: Any) -> None:
         """The one way a replica changes state: checked against TRANSITIONS,
         logged and recorded as an event (`kind`, `reason`, `detail`)."""
@@ -966,11 +997,14 @@ class Scheduler:
             slot.expires_at = self._clock()
             self._drain(slot, "expire")
             return
-        slot.expires_at = self._clock() + slot.session
+        delay = slot.session
+        if slot.resume_at is not None:  # a replacement after a crash: what was left of the session
+            delay, slot.resume_at = max(0.0, slot.resume_at - self._clock()), None
+        slot.expires_at = self._clock() + delay
         if self._timer is not None:
-            slot.timer = self._timer(slot.session, lambda s=slot: self._expire(s))
+            slot.timer = self._timer(delay, lambda s=slot: self._expire(s))
         else:
-            slot.timer = asyncio.get_running_loop().call_later(slot.session, self._expire, slot)
+            slot.timer = asyncio.get_running_loop().call_later(delay, self._expire, slot)
 
     def _cancel_expiry(self, slot: Slot) -> None:
         if slot.timer is not None:
@@ -1067,30 +1101,57 @@ class Scheduler:
             return  # start() raises RunnerLoadError; _load handles it
         slot = r.slot
         self.counters["crashes"] += 1
+        now = time.monotonic()
+        health = self._health_of(slot.name)
+        health.crashes = policy.failures_after(health.crashes, now - r.loaded_at if r.loaded_at else None)
+        health.last_error = r.process.error_summary()
         self._transition(r, ReplicaState.GONE, "crashed", describe_returncode(code), code=code,
-                         inflight=r.inflight, last_lines=r.process.error_summary())
+                         inflight=r.inflight, crashes_in_a_row=health.crashes, last_lines=health.last_error)
+        if slot.armed and slot.expires_at is not None:
+            slot.resume_at = slot.expires_at  # the replacement keeps what was left of the session
         self._remove_replica(r)
         # The same slot object stays registered only while other replicas live;
-        # otherwise restart it proactively unless it was on its way out.
+        # otherwise it is replaced proactively unless it was on its way out:
+        # at once the first time, then with a growing delay (policy.restart_delay).
         if slot.draining or self._closed:
             self._schedule()
             return
-        now = time.monotonic()
-        slot.restarts = [t for t in slot.restarts if now - t < RESTART_WINDOW]
-        if len(slot.restarts) >= RESTART_LIMIT:
-            log.error("not restarting: crashed too often", model=slot.name, crashes=len(slot.restarts))
+        delay = policy.restart_delay(health.crashes)
+        if delay > 0:
+            health.retry_at = now + delay
+            self.events.record("backoff", slot.name, "crash loop", replica=r.index, delay=delay,
+                               crashes_in_a_row=health.crashes)
+            asyncio.get_running_loop().call_later(delay, self._restart, slot)
             self._schedule()
             return
-        slot.restarts.append(now)
-        if self.slots.get(slot.name) is None:
+        self._restart(slot)
+
+    def _restart(self, slot: Slot) -> None:
+        """Replace a crashed runner (its slot's session permitting): re-register
+        the slot if its last runner went and start one more."""
+        if self._closed or slot.draining:
+            return
+        if slot.resume_at is not None and slot.resume_at <= self._clock():
+            self._schedule()
+            return  # the session ended meanwhile: the next request loads it
+        current = self.slots.get(slot.name)
+        if current is not None and current is not slot:
+            self._schedule()
+            return  # loaded again already (a request did not wait for the backoff)
+        if self.config.models.get(slot.name) is not slot.model:
+            self._schedule()
+            return  # the config changed meanwhile
+        if current is None:
             self.slots[slot.name] = slot
         try:
-            keep = self._live_replicas()
-            plan = self.planner.plan(slot.model, slot.options, [])
-            if self.planner.fits(plan, keep, []).ok:
-                self.counters["restarts"] += 1
-                self._launch(slot, plan, reason="crash")
+            if len(slot.live_replicas()) < slot.model.parallel:
+                keep = self._live_replicas()
+                plan = self.planner.plan(slot.model, slot.options, [])
+                if self.planner.fits(plan, keep, []).ok:
+                    self.counters["restarts"] += 1
+                    self._launch(slot, plan, reason="crash")
         except Exception:  # noqa: BLE001 - the next request loads it again
+            self.counters["scheduling_errors"] += 1
             log.exception("restart after crash failed", model=slot.name)
         if not slot.replicas and self.slots.get(slot.name) is slot:
             del self.slots[slot.name]
