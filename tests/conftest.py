@@ -39,8 +39,9 @@ class FakeSpawner:
     model (FAKE_* settings, see tests/fake_runner.py).  Every process spawned
     is kept in `processes`; `on_spawn(process)` (if set) runs for each one,
     which tests use to simulate what a runner does to a device.  Runner
-    sockets go in `server.runtime_dir` (`make_server` sets `server`), as the
-    scheduler's own spawn puts them.
+    sockets go in `server.runtime_dir` (`make_server` sets `server`), and
+    runner output goes to the model's log in the scheduler's registry
+    (`runnerlogs.runner_logs_of`), as the scheduler's own spawn does.
     """
 
     def __init__(self, command: list[str], env: dict[str, str] | None = None,
@@ -54,12 +55,16 @@ class FakeSpawner:
 
     def __call__(self, spec, index: int):
         from hoshikage_sup.process import RunnerProcess
+        from hoshikage_sup.runnerlogs import runner_logs_of
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_")}
         env.update(self.env)
         env.update(self.model_env.get(spec.model_name, {}))
         runtime_dir = self.server.runtime_dir if self.server is not None else None
-        process = RunnerProcess(spec, replica=index, command=self.command, env=env, runtime_dir=runtime_dir)
+        scheduler = self.server.scheduler if self.server is not None else None
+        output = runner_logs_of(scheduler).for_model(spec.model_name).append if scheduler is not None else None
+        process = RunnerProcess(spec, replica=index, command=self.command, env=env, runtime_dir=runtime_dir,
+                                output=output)
         self.processes.append(process)
         if self.on_spawn is not None:
             self.on_spawn(process)

@@ -3,9 +3,11 @@
 A `RunnerProcess` owns exactly one child (``python -m hoshikage_runner`` by
 default): it binds the child's listening socket, spawns it, sends the
 settings line, waits until ``GET /health`` answers, keeps the child's output
-(logged, and the last 8 KiB kept for error messages), notices when the child
-exits, and stops it.  Scheduling (which runner serves what, when to unload)
-is someone else's job; this module only makes one process lifecycle robust:
+(logged, the last 8 KiB kept for error messages, and each line handed to an
+optional ``output`` sink: the model's `runnerlogs.RunnerLog`, which outlives
+the process), notices when the child exits, and stops it.  Scheduling
+(which runner serves what, when to unload) is someone else's job; this
+module only makes one process lifecycle robust:
 no socket race, no orphan, no zombie, and load errors that say what went
 wrong instead of Ollama's opaque "llama runner process has terminated".
 
@@ -116,6 +118,8 @@ CHATTER_LINE = re.compile(
 
 STATES = ("new", "starting", "ready", "stopping", "exited")
 OnExit = Callable[["RunnerProcess", int], None]
+# Where each output line goes besides the log: output(replica, pid, text, looks_like_error).
+OutputSink = Callable[[int, int | None, str, bool], Any]
 
 # Socket names are numbered per supervisor, so runners never reuse a path.
 _socket_numbers = itertools.count(1)
@@ -259,6 +263,10 @@ class RunnerProcess:
     supervisor's, from `hoshikage_sup.runtime.create_runtime_dir`); without
     one the runner makes a private directory of its own and removes it when
     the child has exited.
+
+    ``output`` (optional) receives every line the child prints, as
+    ``output(replica, pid, text, looks_like_error)``, on the event loop; the
+    scheduler passes its model's `RunnerLog.append`.
     """
 
     def __init__(
@@ -272,6 +280,7 @@ class RunnerProcess:
         env: dict[str, str] | None = None,
         command: Sequence[str] | None = None,
         runtime_dir: Path | str | None = None,
+        output: OutputSink | None = None,
     ) -> None:
         self.spec = spec
         self.replica = replica
@@ -280,6 +289,7 @@ class RunnerProcess:
         )
         self._log = self._base_log
         self.on_exit = on_exit
+        self.output = output
         self._command = list(command) if command is not None else [python, "-m", "hoshikage_runner"]
         self._env = env
         self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
@@ -595,11 +605,19 @@ class RunnerProcess:
         text = raw.decode("utf-8", errors="replace").rstrip()
         if not text.strip():
             return
-        if ERROR_LINE.search(text):
+        if self._secret in text:  # runners never print it; if one ever did, it goes no further
+            text = text.replace(self._secret, "[secret]")
+        error = bool(ERROR_LINE.search(text))
+        if error:
             self._relevant.append((self._output_bytes, text.strip()[:MAX_SUMMARY_LINE_CHARS]))
             self._log.warning("runner output", line=text)
         else:
             self._log.info("runner output", line=text)
+        if self.output is not None:
+            try:
+                self.output(self.replica, self.pid, text, error)
+            except Exception:  # noqa: BLE001 - a broken sink must not stop the reading of the output
+                self._log.exception("runner output sink failed")
 
     def output_tail(self) -> str:
         """The last 8 KiB of the child's combined stdout/stderr."""
