@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from . import __version__
-from .api import metrics, ollama, openai
+from .api import admin, metrics, ollama, openai
 from .api.common import CONTEXT, Context
 from .auth import KeyRing, presented_key
 from .errors import HoshikageError, QueueFull, Unauthorized
@@ -101,4 +101,5 @@ def build_app(context: Context) -> web.Application:
     openai.add_routes(app)
     ollama.add_routes(app)
     metrics.add_routes(app)
+    admin.add_routes(app)
     return app

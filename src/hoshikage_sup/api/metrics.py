@@ -1,6 +1,7 @@
 """`GET /metrics`: the scheduler's state in Prometheus' text format.
 
-Counters come from `Scheduler.counters`; gauges are read from the scheduler's
+Counters come from `Scheduler.counters` and, by kind and reason, from its
+event log (`events.EventLog.counts`); gauges are read from the scheduler's
 snapshot at scrape time, so a scrape costs one pass over the loaded models.
 """
 
@@ -86,6 +87,11 @@ async def metrics(request: web.Request) -> web.Response:
                 w.sample("hoshikage_model_memory_bytes", r["measured_cpu_bytes"], model=e["name"], replica=rep, kind="measured", device="cpu")
             for gpu, b in sorted((r["measured_gpu_bytes"] or {}).items()):
                 w.sample("hoshikage_model_memory_bytes", b, model=e["name"], replica=rep, kind="measured", device=f"gpu{gpu}")
+    events = getattr(scheduler, "events", None)  # events.EventLog, where the scheduler records one
+    if events is not None:
+        w.family("hoshikage_events_total", "counter", "Lifecycle events, by kind and reason (see /admin/events).")
+        for (kind, reason), n in sorted(events.counts.items()):
+            w.sample("hoshikage_events_total", n, kind=kind, reason=reason)
     return web.Response(body=w.text().encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -1,0 +1,442 @@
+"""The admin API under `/admin/`: what the daemon is doing, and a hand on it.
+
+Ops (and the `hoshikage` command line, see `client.py`) need to see every
+configured model whether loaded or not, load and unload one by hand, read
+what a runner printed before it crashed, and follow lifecycle events as they
+happen.  The model APIs cannot say any of that, and should not: these
+routes are guarded by `[server] admin_keys` (falling back to `api_keys`,
+see `auth.py`), and errors come in OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`) like every non-Ollama path.
+
+- `GET /admin/status`: version, uptime, address, counts, scheduler counters.
+- `GET /admin/models`: every configured model with its state and replicas.
+- `POST /admin/models/{name}/load` (optional body `{"keep_alive": ...}`),
+  `POST /admin/models/{name}/unload`, `POST /admin/unload` (every model).
+- `GET /admin/models/{name}/logs?lines=N&after=SEQ&follow=1`: runner output.
+- `GET /admin/events?after=SEQ&model=NAME&limit=N&follow=1`: lifecycle events.
+
+With `follow=1` the answer is an NDJSON stream (one JSON object a line): the
+backlog first, then each new line or event as it comes, until the client
+leaves or the daemon shuts down.
+
+`Scheduler.snapshot()` is read in one place only, `loaded_view`, so a change
+of the snapshot's shape is one edit here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from typing import Any, AsyncIterator, Mapping
+
+from aiohttp import web
+
+from .. import __version__
+from ..config import ModelConfig
+from ..durations import FOREVER, format_duration
+from ..errors import BadRequest, HoshikageError, ModelNotFound
+from ..httpguard import parse_json_object, read_body
+from ..runnerlogs import runner_logs_of
+from ..scheduler import Scheduler
+from .common import ctx, keep_alive_of
+
+NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Runner output lines answered when `lines` is not given.
+DEFAULT_LOG_LINES = 100
+# Set when the application shuts down: follow streams end instead of holding the shutdown up.
+CLOSING: web.AppKey[asyncio.Event] = web.AppKey("hoshikage_admin_closing", asyncio.Event)
+
+
+class NotRecorded(HoshikageError):
+    """The scheduler keeps no event log to read."""
+
+    status = 501
+    kind = "server_error"
+    code = "not_supported"
+
+
+# ------------------------------------------------------------------ JSON
+
+
+def _plain(value: Any) -> Any:
+    """`value` as strict JSON allows: no NaN or Infinity (a forever session is null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_plain(value), separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.json_response(value, status=status, dumps=_dumps)
+
+
+# ------------------------------------------------------------------ models
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None or value == FOREVER else round(value, 3)
+
+
+def _bytes(gpu: Mapping[Any, int] | None) -> dict[str, int]:
+    return {str(k): int(v) for k, v in sorted((gpu or {}).items())}
+
+
+def loaded_view(entry: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """One entry of `Scheduler.snapshot()` (a loaded model) in the admin shape.
+
+    The only reader of the snapshot's fields and of its replicas' `describe()`."""
+    replicas = []
+    for r in entry["replicas"]:
+        estimate = int(r["estimate_cpu_bytes"] + sum(r["estimate_gpu_bytes"].values()))
+        measured_cpu = r["measured_cpu_bytes"]
+        measured_gpu = r["measured_gpu_bytes"] or {}
+        replicas.append({
+            "index": r["replica"],
+            "state": str(r["state"]),
+            "pid": r["pid"],
+            "in_flight": r["inflight"],
+            "served": r["served"],
+            "load_duration": _seconds(r["load_duration"]),
+            "n_gpu_layers": r["n_gpu_layers"],
+            "memory": {
+                "estimate_bytes": estimate,
+                "estimate_cpu_bytes": int(r["estimate_cpu_bytes"]),
+                "estimate_gpu_bytes": _bytes(r["estimate_gpu_bytes"]),
+                "measured_bytes": int(measured_cpu + sum(measured_gpu.values())) if measured_cpu is not None else None,
+                "measured_cpu_bytes": measured_cpu,
+                "measured_gpu_bytes": _bytes(measured_gpu) if measured_gpu else None,
+            },
+        })
+    measured = [r["memory"]["measured_bytes"] for r in replicas]
+    all_measured = bool(measured) and all(m is not None for m in measured)
+    expires_at = entry["expires_at"]
+    return {
+        "name": entry["name"],
+        "model": entry["model"],
+        "state": str(entry["state"]),
+        "draining": entry["draining"],
+        "session": entry["session"],
+        "expires_at": expires_at,
+        "expires_in": round(max(0.0, expires_at - now), 3) if expires_at is not None else None,
+        "in_flight": entry["refcount"],
+        "options": entry["options"].describe(),
+        "memory": {
+            # what the model holds now: measured where known, else the estimate
+            "size_bytes": int(entry["cpu_bytes"] + entry["gpu_bytes"]),
+            "gpu_bytes": int(entry["gpu_bytes"]),
+            "estimate_bytes": sum(r["memory"]["estimate_bytes"] for r in replicas),
+            "measured_bytes": sum(m for m in measured if m is not None) if all_measured else None,
+        },
+        "replicas": replicas,
+    }
+
+
+def _loaded(scheduler: Scheduler) -> dict[str, dict[str, Any]]:
+    now = time.time()
+    return {e["name"]: loaded_view(e, now) for e in scheduler.snapshot()}
+
+
+def _queued(scheduler: Scheduler) -> Counter[str]:
+    return Counter(p.model.name for p in scheduler.pending)
+
+
+def model_view(model: ModelConfig, loaded: dict[str, Any] | None, scheduler: Scheduler,
+               queued: Counter[str], *, configured: bool = True) -> dict[str, Any]:
+    """A model as `/admin/models` shows it, loaded or not."""
+    session = loaded["session"] if loaded else scheduler.default_session(model)
+    return {
+        "name": model.name,
+        "aliases": list(model.aliases),
+        "configured": configured,
+        "path": str(model.path),
+        "state": loaded["state"] if loaded else "unloaded",
+        "loaded": loaded is not None,
+        "draining": loaded["draining"] if loaded else None,
+        "pinned": model.pinned,
+        "preload": model.preload,
+        "parallel": model.parallel,
+        "embedding": model.embedding,
+        "keep_alive": format_duration(session),
+        "keep_alive_seconds": _seconds(session),  # null: forever
+        "expires_at": loaded["expires_at"] if loaded else None,
+        "expires_in": loaded["expires_in"] if loaded else None,
+        "in_flight": loaded["in_flight"] if loaded else 0,
+        "queued": queued.get(model.name, 0),
+        "options": loaded["options"] if loaded else None,
+        "memory": loaded["memory"] if loaded else None,
+        "replicas": loaded["replicas"] if loaded else [],
+    }
+
+
+def _models(request: web.Request) -> list[dict[str, Any]]:
+    c = ctx(request)
+    loaded = _loaded(c.scheduler)
+    queued = _queued(c.scheduler)
+    out = [model_view(m, loaded.pop(name, None), c.scheduler, queued) for name, m in c.config.models.items()]
+    # Models a config reload removed that still have runners (draining).
+    for name, view in sorted(loaded.items()):
+        out.append(model_view(view["model"], view, c.scheduler, queued, configured=False))
+    return out
+
+
+def _one(request: web.Request, model: ModelConfig) -> dict[str, Any]:
+    c = ctx(request)
+    loaded = _loaded(c.scheduler).get(model.name)
+    return model_view(model, loaded, c.scheduler, _queued(c.scheduler), configured=model.name in c.config.models)
+
+
+# ------------------------------------------------------------------ query and body
+
+
+def _int_query(request: web.Request, name: str, default: int | None, *, maximum: int | None = None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0 or (maximum is not None and value > maximum):
+        upper = f" and {maximum}" if maximum is not None else ""
+        raise BadRequest(f"invalid {name}: expected an integer between 0{upper}, got {raw[:40]!r}", param=name)
+    return value
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest(f"invalid {name}: expected 1 or 0, got {raw[:40]!r}", param=name)
+
+
+async def _optional_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object, or {} when it has no body."""
+    if not request.body_exists:
+        return {}
+    server = ctx(request).config.server
+    raw = await read_body(
+        request, max_size=server.max_body_size, body_timeout=server.body_timeout, body_deadline=server.body_deadline
+    )
+    return parse_json_object(raw) if raw.strip() else {}
+
+
+def _resolve(request: web.Request) -> ModelConfig:
+    return ctx(request).gateway.resolve(request.match_info["name"])
+
+
+# ------------------------------------------------------------------ streams
+
+
+async def _until_closing(source: AsyncIterator[Any], closing: asyncio.Event) -> AsyncIterator[Any]:
+    """The items of `source` until it ends or `closing` is set; `source` is closed either way."""
+    closed = asyncio.ensure_future(closing.wait())
+    step: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(source.__anext__())
+            await asyncio.wait({step, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield item
+    finally:
+        closed.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.wait({step})
+        with contextlib.suppress(RuntimeError):
+            await source.aclose()  # type: ignore[attr-defined]
+
+
+async def _ndjson(request: web.Request, backlog: list[dict[str, Any]], live: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+    """Answer with `backlog`, then each item of `live`, one JSON object a line."""
+    response = web.StreamResponse(headers=NDJSON_HEADERS)
+    await response.prepare(request)
+    try:
+        if backlog:
+            await response.write("".join(_dumps(obj) + "\n" for obj in backlog).encode())
+        async with contextlib.aclosing(_until_closing(live, request.app[CLOSING])) as stream:
+            async for obj in stream:
+                await response.write((_dumps(obj) + "\n").encode())
+        await response.write_eof()
+    except ConnectionResetError:  # the client left
+        pass
+    return response
+
+
+# ------------------------------------------------------------------ handlers
+
+
+async def status(request: web.Request) -> web.Response:
+    c = ctx(request)
+    loaded = _loaded(c.scheduler)
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else c.config.server.port
+    now = time.time()
+    return _json({
+        "version": __version__,
+        "pid": os.getpid(),
+        "started_at": c.started,
+        "uptime_seconds": round(now - c.started, 3) if c.started else None,
+        "host": c.config.server.host,
+        "port": port,
+        "config": str(c.config.source) if c.config.source else None,
+        "models_configured": len(c.config.models),
+        "models_loaded": len(loaded),
+        "max_loaded_models": c.scheduler.max_loaded,
+        "requests_in_flight": sum(v["in_flight"] for v in loaded.values()),
+        "requests_queued": c.scheduler.queue_depth(),
+        "max_queue": c.config.server.max_queue,
+        "counters": dict(c.scheduler.counters),
+    })
+
+
+async def models(request: web.Request) -> web.Response:
+    return _json({"models": _models(request)})
+
+
+async def load(request: web.Request) -> web.Response:
+    c = ctx(request)
+    model = _resolve(request)
+    body = await _optional_body(request)
+    keep_alive = keep_alive_of(body)
+    if body:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(body))} (only keep_alive is read)", param=sorted(body)[0])
+    t0 = time.monotonic()
+    lease = await c.gateway.load(model.name, keep_alive)
+    return _json({
+        "model": _one(request, model),
+        "load_duration": round(lease.load_duration, 3),  # spent loading for this request (0: it was loaded)
+        "total_duration": round(time.monotonic() - t0, 3),
+    })
+
+
+async def _wait_stopped(scheduler: Scheduler, names: list[str], timeout: float) -> None:
+    """Until each model's runners are gone, or it is busy (it stops when its requests end)."""
+    slots = {name: scheduler.slots.get(name) for name in names}
+
+    def settled() -> bool:
+        for name, slot in slots.items():
+            now = scheduler.slots.get(name)
+            if now is slot and slot is not None and slot.refcount == 0:
+                return False
+        return True
+
+    await scheduler.wait_until(settled, timeout)
+
+
+async def unload(request: web.Request) -> web.Response:
+    c = ctx(request)
+    model = c.gateway.unload(request.match_info["name"])
+    await _wait_stopped(c.scheduler, [model.name], c.config.server.stop_timeout + 1.0)
+    return _json({"model": _one(request, model)})
+
+
+async def unload_all(request: web.Request) -> web.Response:
+    c = ctx(request)
+    names = sorted(c.scheduler.slots)
+    for name in names:
+        c.scheduler.unload(name)
+    await _wait_stopped(c.scheduler, names, c.config.server.stop_timeout + 1.0)
+    loaded = _loaded(c.scheduler)
+    queued = _queued(c.scheduler)
+    out = []
+    for name in names:
+        model = c.config.models.get(name) or (loaded[name]["model"] if name in loaded else None)
+        if model is not None:
+            out.append(model_view(model, loaded.get(name), c.scheduler, queued, configured=name in c.config.models))
+    return _json({"models": out})
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    c = ctx(request)
+    name = request.match_info["name"]
+    registry = runner_logs_of(c.scheduler)
+    model = c.config.resolve(name)
+    if model is not None:
+        name = model.name
+        runner_log = registry.for_model(name)
+    else:  # a model a config reload removed keeps its log
+        found = registry.get(name)
+        if found is None:
+            raise ModelNotFound(name)
+        runner_log = found
+    after = _int_query(request, "after", 0) or 0
+    default_lines = None if "after" in request.query else DEFAULT_LOG_LINES
+    lines = _int_query(request, "lines", default_lines)
+    backlog = runner_log.recent(after=after, limit=lines)
+    shown = [{"model": name, **line.to_json()} for line in backlog]
+    if not _flag(request, "follow"):
+        return _json({"model": name, "lines": shown, "last_seq": runner_log.last_seq})
+    start = backlog[-1].seq if backlog else max(after, runner_log.last_seq)
+
+    async def live() -> AsyncIterator[dict[str, Any]]:
+        async for line in runner_log.follow(after=start):
+            yield {"model": name, **line.to_json()}
+
+    return await _ndjson(request, shown, live())
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    c = ctx(request)
+    log = getattr(c.scheduler, "events", None)
+    if log is None:
+        raise NotRecorded("this supervisor does not record lifecycle events")
+    after = _int_query(request, "after", 0) or 0
+    limit = _int_query(request, "limit", None)
+    model: str | None = request.query.get("model") or None
+    if model is not None:
+        found = c.config.resolve(model)
+        if found is not None:
+            model = found.name
+        elif not log.recent(model=model, limit=1):  # a removed model's past events are still shown
+            raise ModelNotFound(model)
+    backlog = [] if limit == 0 else log.recent(after=after, model=model, limit=limit)
+    last = log.recent(limit=1)
+    last_seq = last[-1].seq if last else 0
+    if not _flag(request, "follow"):
+        return _json({"events": [e.to_json() for e in backlog], "last_seq": last_seq})
+    start = backlog[-1].seq if backlog else max(after, last_seq)
+
+    async def live() -> AsyncIterator[dict[str, Any]]:
+        async for event in log.follow(after=start, model=model):
+            yield event.to_json()
+
+    return await _ndjson(request, [e.to_json() for e in backlog], live())
+
+
+async def _closing(app: web.Application) -> None:
+    app[CLOSING].set()
+
+
+def add_routes(app: web.Application) -> None:
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.append(_closing)
+    app.router.add_get("/admin/status", status)
+    app.router.add_get("/admin/models", models)
+    app.router.add_post("/admin/models/{name:.+}/load", load)
+    app.router.add_post("/admin/models/{name:.+}/unload", unload)
+    app.router.add_get("/admin/models/{name:.+}/logs", logs)
+    app.router.add_post("/admin/unload", unload_all)
+    app.router.add_get("/admin/events", events)
