@@ -54,6 +54,12 @@ class ServerConfig:
     stop_timeout: float = 5.0  # SIGTERM → SIGKILL grace
     shutdown_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     request_timeout: float = 0.0  # 0 = no server-side limit
+    # Watchdog: every ready runner's /health is probed every health_interval; one
+    # that has not answered for health_timeout is killed and replaced.  A stream
+    # that sends nothing for stall_timeout is failed and its runner replaced.
+    health_interval: float = 5.0
+    health_timeout: float = 15.0
+    stall_timeout: float = 60.0
     log_level: str = "info"
     # Where runners' Unix sockets live (a private 0700 directory is made in it);
     # None: $XDG_RUNTIME_DIR, else the system's temporary directory.
@@ -272,7 +278,8 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
 
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
-    "stop_timeout", "shutdown_timeout", "request_timeout", "log_level", "runtime_dir", "api_keys", "api_keys_file",
+    "stop_timeout", "shutdown_timeout", "request_timeout", "health_interval", "health_timeout", "stall_timeout",
+    "log_level", "runtime_dir", "api_keys", "api_keys_file",
     "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
     "max_connections", "max_body_size",
 }
@@ -302,6 +309,9 @@ def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> Server
         load_timeout=_take(c, "server.load_timeout", t, "load_timeout", _timeout, d.load_timeout),
         stop_timeout=_take(c, "server.stop_timeout", t, "stop_timeout", _timeout, d.stop_timeout),
         shutdown_timeout=_take(c, "server.shutdown_timeout", t, "shutdown_timeout", _positive_timeout, d.shutdown_timeout),
+        health_interval=_take(c, "server.health_interval", t, "health_interval", _positive_timeout, d.health_interval),
+        health_timeout=_take(c, "server.health_timeout", t, "health_timeout", _positive_timeout, d.health_timeout),
+        stall_timeout=_take(c, "server.stall_timeout", t, "stall_timeout", _positive_timeout, d.stall_timeout),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
         runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),

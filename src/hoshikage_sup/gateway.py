@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import aiohttp
 
@@ -55,6 +55,8 @@ class Upstream:
     response: aiohttp.ClientResponse
     lease: Lease
     model: ModelConfig
+    stall_timeout: float | None = None  # seconds without a byte before the stream is given up
+    on_stall: Callable[[Any, str], None] | None = None  # (replica, why): replace the wedged runner
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -83,12 +85,29 @@ class Upstream:
             raise RunnerFailed(f"runner for '{self.model.name}' answered with invalid JSON: {raw[:200]!r}") from e
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        """Bytes exactly as the runner sends them, as soon as they arrive."""
-        try:
-            async for chunk in self.response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise await self._failure_seen(e) from e
+        """Bytes exactly as the runner sends them, as soon as they arrive.  A
+        runner that sends nothing for stall_timeout is wedged: the request
+        fails with a 504 and the runner is replaced."""
+        content = self.response.content
+        loop = asyncio.get_running_loop()
+        while True:
+            waited = loop.time()
+            try:
+                chunk = await asyncio.wait_for(content.readany(), self.stall_timeout)
+            except aiohttp.ClientError as e:
+                raise await self._failure_seen(e) from e
+            except asyncio.TimeoutError as e:
+                if self.stall_timeout is None or loop.time() - waited < 0.99 * self.stall_timeout:
+                    raise self._failure(e) from e  # the overall request_timeout, not a stall
+                why = f"stall: sent nothing for {self.stall_timeout:g} s (stall_timeout)"
+                if self.on_stall is not None:
+                    self.on_stall(self.lease.replica, why)
+                raise UpstreamTimeout(
+                    f"runner for model '{self.model.name}' {why[len('stall: '):]}; it is being replaced"
+                ) from None
+            if not chunk:
+                return
+            yield chunk
 
     async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed server-sent events (`data: {...}`), ending at `[DONE]`."""
@@ -201,7 +220,8 @@ class Gateway:
                     continue
                 raise RunnerFailed(_runner_failure_message(lease, e)) from e
             try:
-                yield Upstream(response=response, lease=lease, model=model)
+                yield Upstream(response=response, lease=lease, model=model,
+                               stall_timeout=self.config.server.stall_timeout, on_stall=self.scheduler.kill_wedged)
             finally:
                 response.close()
                 self.scheduler.release(lease)

@@ -697,6 +697,11 @@ class RunnerProcess:
     def _kill(self) -> None:
         self._signal(signal.SIGKILL)
 
+    def kill(self) -> None:
+        """SIGKILL a child that no longer works (the watchdog's call); a stopped
+        (SIGSTOP) child dies too.  Its exit is reported as usual (on_exit)."""
+        self._kill()
+
     # ------------------------------------------------------------------- stop
 
     async def stop(self, grace: float = 5.0) -> int:

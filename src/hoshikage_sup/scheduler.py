@@ -215,13 +215,16 @@ class Replica:
         self.inflight = 0
         self.served = 0
         self.loaded_at: float | None = None
+        self.last_healthy = 0.0  # monotonic: the last /health answer (the watchdog's)
+        self.killed_for: str | None = None  # why the supervisor killed it (watchdog, stall)
         self.measured: ProcessMemory | None = None  # what the process really uses, once up
         self.measured_at = 0.0
         self.task: asyncio.Task | None = None
 
     @property
     def available(self) -> bool:
-        return self.state == ReplicaState.READY and self.inflight == 0 and not self.slot.draining
+        return (self.state == ReplicaState.READY and self.inflight == 0 and not self.slot.draining
+                and not self.killed_for)
 
     def footprint_cpu(self) -> int:
         return self.measured.rss if self.measured is not None else self.plan.cpu_bytes
@@ -360,6 +363,7 @@ class Scheduler:
         self.events = EventLog()
         self._recovering = 0
         self._closed = False
+        self._watchdog: asyncio.Task | None = None
         self._in_schedule = False
         self._again = False
         self._changed = asyncio.Event()
@@ -595,6 +599,8 @@ class Scheduler:
     async def close(self) -> None:
         """Refuse new work, fail what waits, stop every runner."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for p in self.pending:
             if not p.future.done():
                 p.future.set_exception(ShuttingDown("the server is shutting down"))
@@ -892,6 +898,8 @@ class Scheduler:
             n_gpu_layers=plan.n_gpu_layers, estimate_cpu=plan.cpu_bytes, estimate_gpu=plan.gpu_bytes,
         )
         replica.task = asyncio.ensure_future(self._load(replica))
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch_health())
 
     def _spec(self, slot: Slot, plan: LoadPlan) -> RunnerSpec:
         m = slot.model
@@ -950,6 +958,7 @@ class Scheduler:
             return
         if r.state != ReplicaState.LOADING:  # stopped while loading (shutdown)
             return
+        r.last_healthy = time.monotonic()
         self._transition(r, ReplicaState.READY, "ready", "loaded",
                          load_seconds=round(r.process.load_duration or 0.0, 3))
         self._health_of(r.slot.name).load_failures = 0
@@ -1088,6 +1097,39 @@ class Scheduler:
             self._cancel_expiry(slot)
             del self.slots[slot.name]
 
+    # ------------------------------------------------------------ watchdog
+
+    async def _watch_health(self) -> None:
+        """Probe every ready runner's lock-free /health every health_interval; one
+        that has not answered for health_timeout (stopped, wedged, deadlocked)
+        is killed, and the crash path replaces it.  Runs while runners exist."""
+        while not self._closed:
+            ready = [r for s in self.slots.values() for r in s.replicas if r.state == ReplicaState.READY]
+            if not ready and not any(s.replicas for s in self.slots.values()):
+                self._watchdog = None
+                return
+            server = self.config.server
+            probe_timeout = max(0.1, min(server.health_interval, server.health_timeout) * 0.8)
+            answers = await asyncio.gather(*(r.process.health(timeout=probe_timeout) for r in ready),
+                                           return_exceptions=True)
+            now = time.monotonic()
+            for r, ok in zip(ready, answers):
+                if ok is True:
+                    r.last_healthy = now
+                elif r.state == ReplicaState.READY and now - r.last_healthy >= server.health_timeout:
+                    self.kill_wedged(r, f"watchdog: no health answer for {now - r.last_healthy:.1f} s")
+            await asyncio.sleep(server.health_interval)
+
+    def kill_wedged(self, r: Replica, why: str) -> None:
+        """Kill a runner that is alive but no longer works (it answers no health
+        probe, or a stream of its stalled); its exit is a crash, so it is
+        replaced and waiting requests go to the replacement."""
+        if r.state != ReplicaState.READY or r.killed_for:
+            return
+        r.killed_for = why
+        self.events.record("killing", r.slot.name, why, replica=r.index, pid=r.process.pid, inflight=r.inflight)
+        r.process.kill()
+
     # ------------------------------------------------------------ crashes
 
     def _on_exit(self, r: Replica, code: int) -> None:
@@ -1105,7 +1147,7 @@ class Scheduler:
         health = self._health_of(slot.name)
         health.crashes = policy.failures_after(health.crashes, now - r.loaded_at if r.loaded_at else None)
         health.last_error = r.process.error_summary()
-        self._transition(r, ReplicaState.GONE, "crashed", describe_returncode(code), code=code,
+        self._transition(r, ReplicaState.GONE, "crashed", r.killed_for or describe_returncode(code), code=code,
                          inflight=r.inflight, crashes_in_a_row=health.crashes, last_lines=health.last_error)
         if slot.armed and slot.expires_at is not None:
             slot.resume_at = slot.expires_at  # the replacement keeps what was left of the session
