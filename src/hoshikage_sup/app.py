@@ -11,7 +11,7 @@ from . import __version__
 from .api import admin, metrics, ollama, openai
 from .api.common import CONTEXT, Context
 from .auth import KeyRing, presented_key
-from .errors import HoshikageError, QueueFull, Unauthorized
+from .errors import HoshikageError, Unauthorized
 from .logs import get_logger
 
 log = get_logger("hoshikage.http")

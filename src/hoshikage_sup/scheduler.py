@@ -921,20 +921,32 @@ class Scheduler:
         )
 
     def _default_spawn(self, spec: RunnerSpec, index: int) -> RunnerProcess:
+        from .runnerlogs import runner_logs_of  # the model's output buffer, kept past the runner's exit
+
         return RunnerProcess(
             spec, replica=index, runtime_dir=self.runtime_dir,
             log=get_logger("hoshikage.runner", model=spec.model_name, replica=index),
+            output=runner_logs_of(self).for_model(spec.model_name).append,
         )
 
     async def _load(self, r: Replica) -> None:
         try:
             await r.process.start(load_timeout=self.config.server.load_timeout)
         except asyncio.CancelledError:
-            r.state = "gone"
+            self._transition(r, ReplicaState.GONE, "load_cancelled", "shutdown")
             raise
         except RunnerLoadError as e:
             self.counters["load_failures"] += 1
-            r.state = "gone"
+            health = self._health_of(r.slot.name)
+            health.load_failures += 1
+            health.last_error = str(e)
+            self._transition(r, ReplicaState.GONE, "load_failed", "runner", code=e.returncode, error=str(e),
+                             failures_in_a_row=health.load_failures)
+            if policy.in_cooldown(health.load_failures):
+                delay = policy.restart_delay(health.load_failures)
+                health.retry_at = time.monotonic() + delay
+                self.events.record("cooldown", r.slot.name, "load failures", seconds=delay,
+                                   failures_in_a_row=health.load_failures)
             slot = r.slot
             slot.replicas.remove(r)
             log.error("load failed", model=slot.name, replica=r.index, error=str(e))
