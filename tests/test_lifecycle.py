@@ -21,8 +21,8 @@ async def http():
         yield s
 
 
-def chat(model: str) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+def chat(model: str, **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
 def test_transition_table_is_a_lifecycle():
@@ -78,3 +78,40 @@ async def test_a_replacement_after_a_crash_keeps_what_was_left_of_the_session(ma
                            and sched.slots["a"].replicas[0].process.pid != pid
                            and sched.slots["a"].expires_at is not None, DEADLINE)
     assert abs(sched.slots["a"].expires_at - expires) < 0.5  # not a fresh 20 s from the restart
+
+
+async def test_restart_without_downtime_under_steady_requests(make_server, http):
+    h = await make_server({"a": {"parallel": 2}}, env={"FAKE_LOAD_DELAY": "0.5"})
+    sched = h.scheduler
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("a")))[0] == 200
+    old = {r.process.pid for r in sched.slots["a"].replicas}
+    results = []
+    stop = asyncio.Event()
+
+    async def client():
+        while not stop.is_set():
+            status, body, _ = await post_json(http, h.url + "/v1/chat/completions", chat("a", fake={"delay": 0.02}))
+            results.append(status)
+
+    clients = [asyncio.ensure_future(client()) for _ in range(3)]
+    await asyncio.sleep(0.5)
+    assert sched.restart("a")
+    await sched.wait_until(lambda: sched.slots["a"].replicas and not
+                           ({r.process.pid for r in sched.slots["a"].replicas} & old), DEADLINE)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert results and set(results) == {200}, results  # zero failed requests
+    kinds = [(e.kind, e.reason) for e in sched.events.recent(model="a")]
+    assert ("restarting", "restart") in kinds and ("stopped", "restart") in kinds
+    assert sched.invariants() == []
+
+
+async def test_unload_cancels_a_pending_crash_replacement(make_server, http):
+    h = await make_server({"m": {"preload": True}}, model_env={"m": {"FAKE_CRASH_AFTER": "0.3"}})
+    sched = h.scheduler
+    await sched.wait_until(lambda: sched.counters["crashes"] >= 2, DEADLINE)  # now in backoff (1 s)
+    spawned = len(h.spawner.processes)
+    sched.unload("m")
+    await asyncio.sleep(1.5)
+    assert len(h.spawner.processes) == spawned and "m" not in sched.slots

@@ -217,6 +217,9 @@ class Replica:
         self.loaded_at: float | None = None
         self.last_healthy = 0.0  # monotonic: the last /health answer (the watchdog's)
         self.killed_for: str | None = None  # why the supervisor killed it (watchdog, stall)
+        # A restart starts a new generation of replicas; the old one keeps
+        # serving until a new replica is ready, then retires (see Slot.current).
+        self.generation = slot.generation
         self.measured: ProcessMemory | None = None  # what the process really uses, once up
         self.measured_at = 0.0
         self.task: asyncio.Task | None = None
@@ -224,7 +227,12 @@ class Replica:
     @property
     def available(self) -> bool:
         return (self.state == ReplicaState.READY and self.inflight == 0 and not self.slot.draining
-                and not self.killed_for)
+                and not self.killed_for and not self.retiring)
+
+    @property
+    def retiring(self) -> bool:
+        """Of an older generation than its slot's, once the new one serves."""
+        return self.generation != self.slot.generation and self.slot.current_ready
 
     def footprint_cpu(self) -> int:
         return self.measured.rss if self.measured is not None else self.plan.cpu_bytes
@@ -265,6 +273,7 @@ class Slot:
         self.timer: Any = None
         self.armed = False  # the idle countdown is set (or the session is forever)
         self.resume_at: float | None = None  # after a crash: when the interrupted session ends
+        self.generation = 0  # bumped by a restart: replicas of older generations retire
 
     @property
     def name(self) -> str:
@@ -281,6 +290,11 @@ class Slot:
     @property
     def ready(self) -> bool:
         return any(r.state == ReplicaState.READY for r in self.replicas)
+
+    @property
+    def current_ready(self) -> bool:
+        """A replica of the newest generation serves."""
+        return any(r.state == ReplicaState.READY and r.generation == self.generation for r in self.replicas)
 
     def live_replicas(self) -> list[Replica]:
         return [r for r in self.replicas if r.state in (ReplicaState.LOADING, ReplicaState.READY)]
@@ -322,6 +336,7 @@ class ModelHealth:
     load_failures: int = 0  # reset by a load that succeeds
     retry_at: float = 0.0  # monotonic: no new load before this (crash backoff or cooldown)
     last_error: str = ""
+    restart_timer: Any = None  # the pending replacement of a crashed runner (crash backoff)
 
 
 @dataclass
@@ -443,12 +458,54 @@ class Scheduler:
 
     def unload(self, name: str) -> bool:
         """Stop a model once its in-flight requests are done (Ollama's keep_alive 0)."""
+        health = self.health.get(name)
+        if health is not None and health.restart_timer is not None:
+            health.restart_timer.cancel()  # a crashed runner waiting for its replacement: none now
+            health.restart_timer = None
         slot = self.slots.get(name)
         if slot is None:
             return False
         self._drain(slot, "unload")
         self._schedule()
         return True
+
+    def restart(self, name: str, reason: str = "restart") -> bool:
+        """Replace a loaded model's runners without downtime: start a new
+        generation (as many replicas as are live, with the model's current
+        config), keep serving on the old one until a new replica is ready,
+        then let the old ones finish their requests and stop.  If memory
+        cannot hold both, the old ones drain first and requests wait for the
+        new ones (they do not fail).  False if the model is not loaded."""
+        slot = self.slots.get(name)
+        if slot is None or slot.draining:
+            return False
+        model = self.config.models.get(name)
+        if model is None:
+            return False
+        count = max(1, len([r for r in slot.live_replicas() if not r.killed_for]))
+        asked = _overrides(slot.options, RunnerOptions.for_model(slot.model))  # what requests set (num_ctx...)
+        slot.model, slot.options = model, RunnerOptions.for_model(model, asked)
+        slot.generation += 1
+        self.events.record("restarting", name, reason, generation=slot.generation, replicas=count)
+        for _ in range(count):
+            keep = self._live_replicas()
+            plan = self.planner.plan(model, slot.options, [])
+            if not self.planner.fits(plan, keep, []).ok:
+                # No room for both generations: retire the old one first.
+                old = [r for r in slot.replicas if r.generation != slot.generation]
+                for r in old:
+                    r.generation = -1  # retires as soon as it is idle, whatever serves
+                break
+            self._launch(slot, plan, reason=reason)
+        self._retire_for_room(slot)
+        self._schedule()
+        return True
+
+    def _retire_for_room(self, slot: Slot) -> None:
+        """Stop idle replicas that a restart without room for both generations retired."""
+        for r in slot.replicas:
+            if r.generation == -1 and r.state == ReplicaState.READY and r.inflight == 0:
+                self._stop_replica(r)
 
     def apply_config(self, config: Config) -> dict[str, list[str]]:
         """Take a new, already validated config (a reload).
@@ -457,8 +514,8 @@ class Scheduler:
         max_queue, timeouts, the keep_alive default).  Per model: one whose
         runner would be started the same way keeps its runners (its other
         settings, such as keep_alive, pinned or aliases, apply at once); one
-        whose runner would differ drains and is loaded anew by the next
-        request that wants it; one that is gone drains and its waiting
+        whose runner would differ is restarted without downtime (`restart`:
+        the old runners serve until the new ones are ready); one that is gone drains and its waiting
         requests get 404; a new one can be requested.  Returns the model names
         by what happened to them.
         """
@@ -491,8 +548,7 @@ class Scheduler:
             if name in changes["removed"]:
                 self._drain(slot, "removed")
             elif name in changes["restarted"]:
-                slot.model = config.models[name]
-                self._drain(slot, "reload")
+                self.restart(name, reason="reload")  # no downtime: the old runners serve until the new are ready
             else:
                 slot.model = config.models[name]
                 # A session that is still the default follows the new default;
@@ -661,7 +717,11 @@ class Scheduler:
             try:
                 if slot.draining:
                     self._maybe_stop(slot)
-                elif not slot.armed and slot.refcount == 0 and slot.ready and slot.name not in waiting:
+                    continue
+                for r in slot.replicas:  # a restart's old generation, once the new one serves
+                    if r.retiring and r.state == ReplicaState.READY and r.inflight == 0:
+                        self._stop_replica(r)
+                if not slot.armed and slot.refcount == 0 and slot.ready and slot.name not in waiting:
                     self._arm_expiry(slot)
             except Exception:  # noqa: BLE001 - keep the other slots going
                 self.counters["scheduling_errors"] += 1
@@ -1062,7 +1122,7 @@ class Scheduler:
             del self.slots[slot.name]
 
     def _stop_replica(self, r: Replica) -> None:
-        self._transition(r, ReplicaState.STOPPING, "stopping", r.slot.draining or "stop")
+        self._transition(r, ReplicaState.STOPPING, "stopping", r.slot.draining or ("restart" if r.retiring else "stop"))
         baseline = self.planner.gpu_free() if r.footprint_gpu() else {}
         task = asyncio.ensure_future(self._stop_and_recover(r, baseline))
         self._stopping.add(task)
@@ -1086,7 +1146,8 @@ class Scheduler:
             with contextlib.suppress(Exception):
                 await r.process.stop(grace=self.config.server.stop_timeout)
             if r.state != ReplicaState.GONE:
-                self._transition(r, ReplicaState.GONE, "stopped", slot.draining or "stop", code=r.process.returncode)
+                self._transition(r, ReplicaState.GONE, "stopped", slot.draining or ("restart" if r.retiring else "stop"),
+                                 code=r.process.returncode)
             self._remove_replica(r)
             self._schedule()
             if gpu:
@@ -1175,7 +1236,7 @@ class Scheduler:
             health.retry_at = now + delay
             self.events.record("backoff", slot.name, "crash loop", replica=r.index, delay=delay,
                                crashes_in_a_row=health.crashes)
-            asyncio.get_running_loop().call_later(delay, self._restart, slot)
+            health.restart_timer = asyncio.get_running_loop().call_later(delay, self._restart, slot)
             self._schedule()
             return
         self._restart(slot)
@@ -1183,6 +1244,7 @@ class Scheduler:
     def _restart(self, slot: Slot) -> None:
         """Replace a crashed runner (its slot's session permitting): re-register
         the slot if its last runner went and start one more."""
+        self._health_of(slot.name).restart_timer = None
         if self._closed or slot.draining:
             return
         if slot.resume_at is not None and slot.resume_at <= self._clock():
