@@ -105,6 +105,14 @@ async def test_status_list_load_ps_unload(make_server, capsys):
     (m,) = json.loads(out)["models"]
     assert m["name"] == "gemma" and m["replicas"][0]["pid"] == pid
 
+    code, out, err = await cli(capsys, "restart", "gemma", *url)
+    assert code == 0, err
+    new_pid = h.scheduler.slots["gemma"].replicas[-1].process.pid
+    assert new_pid != pid and "restarted in " in out
+    await h.scheduler.wait_until(lambda: [r.process.pid for r in h.scheduler.slots["gemma"].replicas] == [new_pid], 30)
+    code, out, err = await cli(capsys, "restart", "embed", *url)
+    assert code == 1 and "not loaded" in err
+
     code, out, _ = await cli(capsys, "unload", "gemma", *url)
     assert code == 0 and out == "gemma: unloaded\n"
     code, out, _ = await cli(capsys, "load", "embed", *url, "--json")

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", parents=[daemon], help="load a model and wait until it is ready")
     load.add_argument("model")
     load.add_argument("--keep-alive", metavar="D", help='how long it stays loaded once idle: "10m", seconds, -1 = forever')
+    restart = sub.add_parser("restart", parents=[daemon],
+                             help="replace a loaded model's runners without downtime")
+    restart.add_argument("model")
     unload = sub.add_parser("unload", parents=[daemon], help="unload a model (once its requests end), or all of them")
     unload.add_argument("model", nargs="?")
     unload.add_argument("--all", action="store_true", help="every loaded model")
@@ -265,6 +268,17 @@ def _load(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _restart(client: Any, args: argparse.Namespace) -> int:
+    from .client import describe_model, print_json
+
+    r = client.restart(args.model)
+    if args.json:
+        print_json(r, sys.stdout)
+    else:
+        _out(f"{describe_model(r['model'])}, restarted in {r['restart_duration']:.2f}s")
+    return 0
+
+
 def _unload(client: Any, args: argparse.Namespace) -> int:
     from .client import describe_model, print_json
 
@@ -320,6 +334,7 @@ CLIENT_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "ps": _ps,
     "list": _list,
     "load": _load,
+    "restart": _restart,
     "unload": _unload,
     "logs": _logs,
     "events": _events,

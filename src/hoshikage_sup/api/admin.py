@@ -332,6 +332,26 @@ async def load(request: web.Request) -> web.Response:
     })
 
 
+async def restart(request: web.Request) -> web.Response:
+    """Replace a loaded model's runners without downtime; answers once a runner
+    of the new generation serves (the old ones finish their requests and stop)."""
+    c = ctx(request)
+    model = _resolve(request)
+    scheduler = c.scheduler
+    t0 = time.monotonic()
+    if not scheduler.restart(model.name):
+        raise BadRequest(f"model '{model.name}' is not loaded: load it instead", param="model")
+    slot = scheduler.slots.get(model.name)
+    generation = slot.generation if slot is not None else None
+
+    def settled() -> bool:
+        now = scheduler.slots.get(model.name)
+        return now is not slot or now is None or now.generation != generation or now.current_ready
+
+    await scheduler.wait_until(settled, c.config.server.load_timeout)
+    return _json({"model": _one(request, model), "restart_duration": round(time.monotonic() - t0, 3)})
+
+
 async def _wait_stopped(scheduler: Scheduler, names: list[str], timeout: float) -> None:
     """Until each model's runners are gone, or it is busy (it stops when its requests end)."""
     slots = {name: scheduler.slots.get(name) for name in names}
@@ -437,6 +457,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/models", models)
     app.router.add_post("/admin/models/{name:.+}/load", load)
     app.router.add_post("/admin/models/{name:.+}/unload", unload)
+    app.router.add_post("/admin/models/{name:.+}/restart", restart)
     app.router.add_get("/admin/models/{name:.+}/logs", logs)
     app.router.add_post("/admin/unload", unload_all)
     app.router.add_get("/admin/events", events)
