@@ -270,11 +270,11 @@ async def test_idle_unload_after_keep_alive(make_server, http):
 async def test_keep_alive_duration_string_sets_the_session(make_server, http):
     h = await make_server({"m": {}})
     await chat(http, h.url, "m", keep_alive="10m")
-    [snap] = h.scheduler.snapshot()
-    assert snap["session"] == 600
+    [snap] = h.scheduler.status().models
+    assert snap.session == 600
     await chat(http, h.url, "m")  # no keep_alive: the session stays as it is
-    [snap] = h.scheduler.snapshot()
-    assert snap["session"] == 600 and snap["state"] == "idle"
+    [snap] = h.scheduler.status().models
+    assert snap.session == 600 and snap.state == "idle"
 
 
 # ------------------------------------------------------------------ errors
@@ -795,8 +795,8 @@ async def test_auto_layers_partial_offload_under_limited_vram(make_server, http,
     here, _ = gpu_estimate(demo_model, layers)
     more, _ = gpu_estimate(demo_model, layers + 1)
     assert here.gpu_bytes[0] <= free < more.gpu_bytes[0]
-    [snap] = h.scheduler.snapshot()
-    assert snap["plans"][0].gpu_bytes == {0: here.gpu_bytes[0]}
+    [snap] = h.scheduler.status().models
+    assert snap.replicas[0].estimate_gpu_bytes == {0: here.gpu_bytes[0]}
 
 
 async def test_auto_layers_split_across_two_gpus(make_server, http, demo_model):
@@ -809,8 +809,8 @@ async def test_auto_layers_split_across_two_gpus(make_server, http, demo_model):
     assert sum(full.gpu_bytes) > 800 * MiB
     assert proc.spec.n_gpu_layers == info.block_count + 1  # everything, the output layer included
     assert proc.spec.tensor_split == pytest.approx((0.5, 0.5))
-    [snap] = h.scheduler.snapshot()
-    per_gpu = snap["plans"][0].gpu_bytes
+    [snap] = h.scheduler.status().models
+    per_gpu = snap.replicas[0].estimate_gpu_bytes
     assert set(per_gpu) == {0, 1} and all(b <= 800 * MiB for b in per_gpu.values())
 
 

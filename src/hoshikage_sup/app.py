@@ -79,12 +79,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def health(request: web.Request) -> web.Response:
     c = request.app[CONTEXT]
+    status = c.scheduler.status(measure=False)
     return web.json_response(
         {
             "status": "ok",
             "version": __version__,
-            "loaded": len(c.scheduler.slots),
-            "queued": c.scheduler.queue_depth(),
+            "loaded": len(status.models),
+            "queued": status.queued,
         }
     )
 

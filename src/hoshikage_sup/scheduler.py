@@ -45,6 +45,7 @@ from .errors import (
     ShuttingDown,
 )
 from .logs import get_logger
+from .status import ModelStatus, ReplicaStatus, SchedulerStatus
 from .process import RunnerLoadError, RunnerProcess, RunnerSpec, describe_returncode
 
 log = get_logger("hoshikage.scheduler")
@@ -119,6 +120,19 @@ def _overrides(options: RunnerOptions, defaults: RunnerOptions) -> dict[str, Any
     """The fields a request set differently from its model's defaults."""
     mine, base = options.describe(), defaults.describe()
     return {k: v for k, v in mine.items() if v != base[k]}
+
+
+def _replica_status(r: "Replica") -> ReplicaStatus:
+    measured = r.measured
+    return ReplicaStatus(
+        index=r.index, state=str(r.state), pid=r.process.pid, generation=r.generation, retiring=r.retiring,
+        inflight=r.inflight, served=r.served, n_ctx=r.plan.n_ctx, n_gpu_layers=r.plan.n_gpu_layers,
+        load_duration=r.process.load_duration, estimate_cpu_bytes=r.plan.cpu_bytes,
+        estimate_gpu_bytes=dict(r.plan.gpu_bytes),
+        measured_cpu_bytes=measured.rss if measured else None,
+        measured_gpu_bytes=dict(measured.gpu) if measured and measured.gpu else None,
+        footprint_cpu_bytes=r.footprint_cpu(), footprint_gpu_bytes=dict(r.footprint_gpu()),
+    )
 
 
 def _load_of(r: "Replica") -> policy.ReplicaLoad:
@@ -241,22 +255,6 @@ class Replica:
         if self.measured is not None and self.measured.gpu:
             return {i: b for i, b in self.measured.gpu.items() if b > 0}
         return self.plan.gpu_bytes
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "replica": self.index,
-            "state": self.state,
-            "pid": self.process.pid,
-            "socket": self.process.socket_path,
-            "inflight": self.inflight,
-            "served": self.served,
-            "estimate_cpu_bytes": self.plan.cpu_bytes,
-            "estimate_gpu_bytes": dict(self.plan.gpu_bytes),
-            "measured_cpu_bytes": self.measured.rss if self.measured else None,
-            "measured_gpu_bytes": dict(self.measured.gpu) if self.measured and self.measured.gpu else None,
-            "n_gpu_layers": self.plan.n_gpu_layers,
-            "load_duration": self.process.load_duration,
-        }
 
 
 class Slot:
@@ -576,34 +574,33 @@ class Scheduler:
 
         return asyncio.ensure_future(_run())
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Every loaded model, for the APIs; measured memory is read afresh
-        (RSS grows as a runner touches its mmap'd weights)."""
-        out = []
+    def status(self, *, measure: bool = True) -> SchedulerStatus:
+        """What every loaded model is doing, as frozen values for the APIs.
+        With `measure`, ready runners' memory is read afresh first (RSS grows
+        as a runner touches its mmap'd weights)."""
+        waiting: dict[str, int] = {}
+        for p in self.pending:
+            waiting[p.model.name] = waiting.get(p.model.name, 0) + 1
+        models = []
         for slot in sorted(self.slots.values(), key=lambda s: s.name):
             live = [r for r in slot.replicas if r.state != ReplicaState.GONE]
-            for r in live:
-                if r.state == ReplicaState.READY:
-                    with contextlib.suppress(Exception):
-                        self.planner.measure(r)
-            out.append(
-                {
-                    "name": slot.name,
-                    "model": slot.model,
-                    "state": slot.state(),
-                    "options": slot.options,
-                    "session": slot.session,
-                    "expires_at": slot.expires_at,
-                    "refcount": slot.refcount,
-                    "draining": slot.draining,
-                    "pinned": slot.model.pinned,
-                    "replicas": [r.describe() for r in live],
-                    "plans": [r.plan for r in live],
-                    "cpu_bytes": sum(r.footprint_cpu() for r in live),
-                    "gpu_bytes": sum(sum(r.footprint_gpu().values()) for r in live),
-                }
-            )
-        return out
+            if measure:
+                for r in live:
+                    if r.state == ReplicaState.READY:
+                        with contextlib.suppress(Exception):
+                            self.planner.measure(r)
+            models.append(ModelStatus(
+                name=slot.name, model=slot.model, state=slot.state(), draining=slot.draining,
+                options=slot.options, session=slot.session, expires_at=slot.expires_at,
+                refcount=slot.refcount, queued=waiting.get(slot.name, 0), generation=slot.generation,
+                replicas=tuple(_replica_status(r) for r in live),
+            ))
+        return SchedulerStatus(models=tuple(models), queued=len(self.pending), max_loaded=self.max_loaded,
+                               counters=dict(self.counters), waiting=waiting)
+
+    def model_status(self, name: str) -> ModelStatus | None:
+        """One loaded model's status (memory not measured afresh), None if not loaded."""
+        return self.status(measure=False).model(name)
 
     def queue_depth(self) -> int:
         return len(self.pending)

@@ -19,8 +19,8 @@ With `follow=1` the answer is an NDJSON stream (one JSON object a line): the
 backlog first, then each new line or event as it comes, until the client
 leaves or the daemon shuts down.
 
-`Scheduler.snapshot()` is read in one place only, `loaded_view`, so a change
-of the snapshot's shape is one edit here.
+Everything about loaded models comes from `Scheduler.status()` (frozen
+`status.ModelStatus` values), turned into this API's shape by `loaded_view`.
 """
 
 from __future__ import annotations
@@ -93,51 +93,44 @@ def _bytes(gpu: Mapping[Any, int] | None) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted((gpu or {}).items())}
 
 
-def loaded_view(entry: Mapping[str, Any], now: float) -> dict[str, Any]:
-    """One entry of `Scheduler.snapshot()` (a loaded model) in the admin shape.
-
-    The only reader of the snapshot's fields and of its replicas' `describe()`."""
-    replicas = []
-    for r in entry["replicas"]:
-        estimate = int(r["estimate_cpu_bytes"] + sum(r["estimate_gpu_bytes"].values()))
-        measured_cpu = r["measured_cpu_bytes"]
-        measured_gpu = r["measured_gpu_bytes"] or {}
-        replicas.append({
-            "index": r["replica"],
-            "state": str(r["state"]),
-            "pid": r["pid"],
-            "in_flight": r["inflight"],
-            "served": r["served"],
-            "load_duration": _seconds(r["load_duration"]),
-            "n_gpu_layers": r["n_gpu_layers"],
-            "memory": {
-                "estimate_bytes": estimate,
-                "estimate_cpu_bytes": int(r["estimate_cpu_bytes"]),
-                "estimate_gpu_bytes": _bytes(r["estimate_gpu_bytes"]),
-                "measured_bytes": int(measured_cpu + sum(measured_gpu.values())) if measured_cpu is not None else None,
-                "measured_cpu_bytes": measured_cpu,
-                "measured_gpu_bytes": _bytes(measured_gpu) if measured_gpu else None,
-            },
-        })
-    measured = [r["memory"]["measured_bytes"] for r in replicas]
-    all_measured = bool(measured) and all(m is not None for m in measured)
-    expires_at = entry["expires_at"]
+def loaded_view(m: ModelStatus, now: float) -> dict[str, Any]:
+    """A loaded model's status in the admin shape."""
+    replicas = [{
+        "index": r.index,
+        "state": r.state,
+        "pid": r.pid,
+        "generation": r.generation,
+        "retiring": r.retiring,
+        "in_flight": r.inflight,
+        "served": r.served,
+        "load_duration": _seconds(r.load_duration),
+        "n_gpu_layers": r.n_gpu_layers,
+        "memory": {
+            "estimate_bytes": int(r.estimate_bytes),
+            "estimate_cpu_bytes": int(r.estimate_cpu_bytes),
+            "estimate_gpu_bytes": _bytes(r.estimate_gpu_bytes),
+            "measured_bytes": r.measured_bytes,
+            "measured_cpu_bytes": r.measured_cpu_bytes,
+            "measured_gpu_bytes": _bytes(r.measured_gpu_bytes) if r.measured_gpu_bytes else None,
+        },
+    } for r in m.replicas]
     return {
-        "name": entry["name"],
-        "model": entry["model"],
-        "state": str(entry["state"]),
-        "draining": entry["draining"],
-        "session": entry["session"],
-        "expires_at": expires_at,
-        "expires_in": round(max(0.0, expires_at - now), 3) if expires_at is not None else None,
-        "in_flight": entry["refcount"],
-        "options": entry["options"].describe(),
+        "name": m.name,
+        "model": m.model,
+        "state": m.state,
+        "draining": m.draining,
+        "session": m.session,
+        "expires_at": m.expires_at,
+        "expires_in": round(max(0.0, m.expires_at - now), 3) if m.expires_at is not None else None,
+        "in_flight": m.refcount,
+        "queued": m.queued,
+        "options": m.options.describe(),
         "memory": {
             # what the model holds now: measured where known, else the estimate
-            "size_bytes": int(entry["cpu_bytes"] + entry["gpu_bytes"]),
-            "gpu_bytes": int(entry["gpu_bytes"]),
-            "estimate_bytes": sum(r["memory"]["estimate_bytes"] for r in replicas),
-            "measured_bytes": sum(m for m in measured if m is not None) if all_measured else None,
+            "size_bytes": int(m.cpu_bytes + m.gpu_bytes),
+            "gpu_bytes": int(m.gpu_bytes),
+            "estimate_bytes": m.estimate_bytes,
+            "measured_bytes": m.measured_bytes,
         },
         "replicas": replicas,
     }
@@ -145,11 +138,11 @@ def loaded_view(entry: Mapping[str, Any], now: float) -> dict[str, Any]:
 
 def _loaded(scheduler: Scheduler) -> dict[str, dict[str, Any]]:
     now = time.time()
-    return {e["name"]: loaded_view(e, now) for e in scheduler.snapshot()}
+    return {m.name: loaded_view(m, now) for m in scheduler.status().models}
 
 
 def _queued(scheduler: Scheduler) -> Counter[str]:
-    return Counter(p.model.name for p in scheduler.pending)
+    return Counter(scheduler.status(measure=False).waiting)
 
 
 def model_view(model: ModelConfig, loaded: dict[str, Any] | None, scheduler: Scheduler,
@@ -341,12 +334,12 @@ async def restart(request: web.Request) -> web.Response:
     t0 = time.monotonic()
     if not scheduler.restart(model.name):
         raise BadRequest(f"model '{model.name}' is not loaded: load it instead", param="model")
-    slot = scheduler.slots.get(model.name)
-    generation = slot.generation if slot is not None else None
+    generation = scheduler.model_status(model.name).generation  # type: ignore[union-attr]
 
-    def settled() -> bool:
-        now = scheduler.slots.get(model.name)
-        return now is not slot or now is None or now.generation != generation or now.current_ready
+    def settled() -> bool:  # a runner of the new generation serves (or the model went)
+        now = scheduler.model_status(model.name)
+        return now is None or now.generation != generation or any(
+            r.generation == generation and r.state == "ready" for r in now.replicas)
 
     await scheduler.wait_until(settled, c.config.server.load_timeout)
     return _json({"model": _one(request, model), "restart_duration": round(time.monotonic() - t0, 3)})
@@ -354,12 +347,14 @@ async def restart(request: web.Request) -> web.Response:
 
 async def _wait_stopped(scheduler: Scheduler, names: list[str], timeout: float) -> None:
     """Until each model's runners are gone, or it is busy (it stops when its requests end)."""
-    slots = {name: scheduler.slots.get(name) for name in names}
+    status = scheduler.status(measure=False)
+    before = {name: set(m.pids) for name in names if (m := status.model(name)) is not None}
 
-    def settled() -> bool:
-        for name, slot in slots.items():
-            now = scheduler.slots.get(name)
-            if now is slot and slot is not None and slot.refcount == 0:
+    def settled() -> bool:  # gone, busy, or loaded again (by runners that were not there before)
+        now = scheduler.status(measure=False)
+        for name, pids in before.items():
+            m = now.model(name)
+            if m is not None and m.refcount == 0 and set(m.pids) & pids:
                 return False
         return True
 
@@ -375,7 +370,7 @@ async def unload(request: web.Request) -> web.Response:
 
 async def unload_all(request: web.Request) -> web.Response:
     c = ctx(request)
-    names = sorted(c.scheduler.slots)
+    names = [m.name for m in c.scheduler.status(measure=False).models]
     for name in names:
         c.scheduler.unload(name)
     await _wait_stopped(c.scheduler, names, c.config.server.stop_timeout + 1.0)

@@ -1,8 +1,9 @@
 """`GET /metrics`: the scheduler's state in Prometheus' text format.
 
-Counters come from `Scheduler.counters` and, by kind and reason, from its
-event log (`events.EventLog.counts`); gauges are read from the scheduler's
-snapshot at scrape time, so a scrape costs one pass over the loaded models.
+Counters come from the scheduler's status (`Scheduler.status()`) and, by
+kind and reason, from its event log (`events.EventLog.counts`); gauges are
+read from the same status at scrape time, so a scrape costs one pass over
+the loaded models.
 """
 
 from __future__ import annotations
@@ -51,44 +52,43 @@ class _Writer:
 
 async def metrics(request: web.Request) -> web.Response:
     scheduler = ctx(request).scheduler
+    status = scheduler.status()
     w = _Writer()
     w.family("hoshikage_build_info", "gauge", "Version of the supervisor.")
     w.sample("hoshikage_build_info", 1, version=__version__)
     for key, help_text in COUNTERS.items():
         name = f"hoshikage_{key}_total"
         w.family(name, "counter", help_text)
-        w.sample(name, scheduler.counters.get(key, 0))
+        w.sample(name, status.counters.get(key, 0))
     w.family("hoshikage_queue_depth", "gauge", "Requests waiting for a runner.")
-    w.sample("hoshikage_queue_depth", scheduler.queue_depth())
+    w.sample("hoshikage_queue_depth", status.queued)
     w.family("hoshikage_max_loaded_models", "gauge", "Models that may be loaded at once.")
-    w.sample("hoshikage_max_loaded_models", scheduler.max_loaded)
+    w.sample("hoshikage_max_loaded_models", status.max_loaded)
 
-    snapshot = scheduler.snapshot()
     w.family("hoshikage_models_loaded", "gauge", "Models with a runner loading, loaded or stopping.")
-    w.sample("hoshikage_models_loaded", len(snapshot))
+    w.sample("hoshikage_models_loaded", len(status.models))
     w.family("hoshikage_model_requests_in_flight", "gauge", "Requests a model's runners are serving.")
-    for e in snapshot:
-        w.sample("hoshikage_model_requests_in_flight", e["refcount"], model=e["name"], state=e["state"])
+    for m in status.models:
+        w.sample("hoshikage_model_requests_in_flight", m.refcount, model=m.name, state=m.state)
     w.family("hoshikage_model_replicas", "gauge", "Runner processes of a model, by state.")
-    for e in snapshot:
+    for m in status.models:
         states: dict[str, int] = {}
-        for r in e["replicas"]:
-            states[r["state"]] = states.get(r["state"], 0) + 1
+        for r in m.replicas:
+            states[r.state] = states.get(r.state, 0) + 1
         for state, n in sorted(states.items()):
-            w.sample("hoshikage_model_replicas", n, model=e["name"], state=state)
+            w.sample("hoshikage_model_replicas", n, model=m.name, state=state)
     w.family("hoshikage_model_memory_bytes", "gauge", "A model's memory: the estimate, and what its runners use.")
-    for e in snapshot:
-        for r in e["replicas"]:
-            rep = r["replica"]
-            w.sample("hoshikage_model_memory_bytes", r["estimate_cpu_bytes"], model=e["name"], replica=rep, kind="estimate", device="cpu")
-            for gpu, b in sorted(r["estimate_gpu_bytes"].items()):
-                w.sample("hoshikage_model_memory_bytes", b, model=e["name"], replica=rep, kind="estimate", device=f"gpu{gpu}")
-            if r["measured_cpu_bytes"] is not None:
-                w.sample("hoshikage_model_memory_bytes", r["measured_cpu_bytes"], model=e["name"], replica=rep, kind="measured", device="cpu")
-            for gpu, b in sorted((r["measured_gpu_bytes"] or {}).items()):
-                w.sample("hoshikage_model_memory_bytes", b, model=e["name"], replica=rep, kind="measured", device=f"gpu{gpu}")
-    events = getattr(scheduler, "events", None)  # events.EventLog, where the scheduler records one
-    if events is not None:
+    for m in status.models:
+        for r in m.replicas:
+            w.sample("hoshikage_model_memory_bytes", r.estimate_cpu_bytes, model=m.name, replica=r.index, kind="estimate", device="cpu")
+            for gpu, b in sorted(r.estimate_gpu_bytes.items()):
+                w.sample("hoshikage_model_memory_bytes", b, model=m.name, replica=r.index, kind="estimate", device=f"gpu{gpu}")
+            if r.measured_cpu_bytes is not None:
+                w.sample("hoshikage_model_memory_bytes", r.measured_cpu_bytes, model=m.name, replica=r.index, kind="measured", device="cpu")
+            for gpu, b in sorted((r.measured_gpu_bytes or {}).items()):
+                w.sample("hoshikage_model_memory_bytes", b, model=m.name, replica=r.index, kind="measured", device=f"gpu{gpu}")
+    events = scheduler.events
+    if events.counts:
         w.family("hoshikage_events_total", "counter", "Lifecycle events, by kind and reason (see /admin/events).")
         for (kind, reason), n in sorted(events.counts.items()):
             w.sample("hoshikage_events_total", n, kind=kind, reason=reason)

@@ -47,6 +47,7 @@ from ..durations import format_duration
 from ..errors import BadRequest, HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest
 from ..scheduler import Scheduler
+from ..status import ReplicaStatus
 from . import ollama_shapes as shapes
 from .common import ctx, keep_alive_of, read_json
 
@@ -294,8 +295,8 @@ async def _wait_unloaded(scheduler: Scheduler, name: str, timeout: float) -> Non
     client that asks /api/ps right after sees it gone; a busy one is not waited for."""
 
     def gone_or_busy() -> bool:
-        slot = scheduler.slots.get(name)
-        return slot is None or slot.refcount > 0
+        m = scheduler.model_status(name)
+        return m is None or m.refcount > 0
 
     await scheduler.wait_until(gone_or_busy, timeout)
 
@@ -382,37 +383,41 @@ async def ps(request: web.Request) -> web.Response:
     c = ctx(request)
     now = time.time()
     out = []
-    for entry in c.scheduler.snapshot():
-        model = entry["model"]
+    for m in c.scheduler.status().models:
+        model = m.model
         info = await asyncio.to_thread(shapes.model_info, model)
-        replicas = entry["replicas"]
-        measured = [r for r in replicas if r.get("measured_cpu_bytes") is not None]
         out.append({
-            "name": entry["name"],
-            "model": entry["name"],
-            "size": int(entry["cpu_bytes"] + entry["gpu_bytes"]),
+            "name": m.name,
+            "model": m.name,
+            "size": int(m.cpu_bytes + m.gpu_bytes),
             "digest": shapes.digest(model),
             "details": shapes.details(model, info),
-            "expires_at": shapes.expires_at(entry, now),
-            "size_vram": int(entry["gpu_bytes"]),
-            # the runner's real context (n_ctx 0 in the config means the trained one)
-            "context_length": entry["plans"][0].n_ctx if entry["plans"] else entry["options"].n_ctx,
+            "expires_at": shapes.expires_at(m, now),
+            "size_vram": int(m.gpu_bytes),
+            "context_length": m.context_length,
             # Hoshikage's own fields
             "aliases": list(model.aliases),
-            "state": entry["state"],
-            "keep_alive": format_duration(entry["session"]),
-            "pinned": entry["pinned"],
-            "requests_in_flight": entry["refcount"],
-            "pids": [r["pid"] for r in replicas if r.get("pid")],
-            "options": entry["options"].describe(),
-            "estimate_bytes": int(sum(p.total for p in entry["plans"])),
-            "measured_bytes": (
-                int(sum((r["measured_cpu_bytes"] or 0) + sum((r.get("measured_gpu_bytes") or {}).values()) for r in measured))
-                if measured and len(measured) == len(replicas) else None
-            ),
-            "replicas": replicas,
+            "state": m.state,
+            "keep_alive": format_duration(m.session),
+            "pinned": m.pinned,
+            "requests_in_flight": m.refcount,
+            "pids": m.pids,
+            "options": m.options.describe(),
+            "estimate_bytes": int(m.estimate_bytes),
+            "measured_bytes": m.measured_bytes,
+            "replicas": [_replica(r) for r in m.replicas],
         })
     return web.json_response({"models": out})
+
+
+def _replica(r: ReplicaStatus) -> dict[str, Any]:
+    return {
+        "replica": r.index, "state": r.state, "pid": r.pid, "inflight": r.inflight, "served": r.served,
+        "estimate_cpu_bytes": r.estimate_cpu_bytes, "estimate_gpu_bytes": dict(r.estimate_gpu_bytes),
+        "measured_cpu_bytes": r.measured_cpu_bytes,
+        "measured_gpu_bytes": dict(r.measured_gpu_bytes) if r.measured_gpu_bytes else None,
+        "n_gpu_layers": r.n_gpu_layers, "load_duration": r.load_duration,
+    }
 
 
 async def show(request: web.Request) -> web.Response:

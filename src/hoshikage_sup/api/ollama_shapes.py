@@ -497,15 +497,15 @@ def modelfile(model: ModelConfig, source: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def expires_at(entry: Mapping[str, Any], now: float) -> str:
-    """RFC3339 expiry for /api/ps: the armed timer; for a busy or loading model
-    the earliest it could expire (now + session); "forever" far in the future
-    as Ollama shows it; a model on its way out expires now."""
-    session = entry.get("session")
-    if entry.get("draining"):
+def expires_at(m: Any, now: float) -> str:
+    """RFC3339 expiry of a loaded model (a `status.ModelStatus`) for /api/ps:
+    the armed timer; for a busy or loading model the earliest it could expire
+    (now + session); "forever" far in the future as Ollama shows it; a model
+    on its way out expires now."""
+    if m.draining:
         return rfc3339(now)
-    if session == FOREVER or entry.get("pinned"):
+    if m.session == FOREVER or m.pinned:
         return rfc3339(now + GO_MAX_DURATION)
-    if entry.get("expires_at") is not None:
-        return rfc3339(entry["expires_at"])
-    return rfc3339(now + (session or 0.0))
+    if m.expires_at is not None:
+        return rfc3339(m.expires_at)
+    return rfc3339(now + (m.session or 0.0))
