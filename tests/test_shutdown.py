@@ -489,3 +489,43 @@ async def test_sighup_reloads_and_keeps_unchanged_runners(daemons, tmp_path, dem
         assert "READY=1" in notes[i + 1:], notes
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait() == 0
+
+
+async def test_reload_through_the_admin_api_under_steady_load(file_server, tmp_path, demo_model):
+    """The admin endpoint and `hoshikage reload` do what SIGHUP does: under a
+    steady stream of requests, the unchanged model keeps its runner, the
+    changed one restarts without a failed request, and a broken file is a 400
+    that changes nothing."""
+    from hoshikage_sup.cli import main
+
+    model = {"path": str(demo_model), "n_ctx": 256}
+    base = {"host": "127.0.0.1", "port": 0}
+    srv = await file_server(toml(base, {"same": model, "changed": model}))
+    url = f"http://127.0.0.1:{srv.port}"
+    sched = srv.scheduler
+    results: list[int] = []
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession(timeout=timeout()) as http:
+        async def client(name: str) -> None:
+            while not stop.is_set():
+                async with http.post(url + "/v1/chat/completions", json=chat(name)) as r:
+                    await r.read()
+                    results.append(r.status)
+
+        clients = [asyncio.ensure_future(client(n)) for n in ("same", "changed", "changed")]
+        await sched.wait_until(lambda: "same" in sched.slots and "changed" in sched.slots and sched.slots["changed"].ready, 30)
+        pids = {n: sched.slots[n].replicas[0].process.pid for n in ("same", "changed")}
+        (tmp_path / "hoshikage.toml").write_text(toml(base, {"same": model, "changed": {**model, "n_ctx": 512}}))
+        code = await asyncio.to_thread(main, ["reload", "--url", url])
+        assert code == 0
+        await sched.wait_until(lambda: all(r.process.pid != pids["changed"] for r in sched.slots["changed"].replicas), 30)
+        (tmp_path / "hoshikage.toml").write_text("[server\n")
+        async with http.post(url + "/admin/reload") as r:
+            assert r.status == 400
+            assert "TOML syntax error" in (await r.json())["error"]["message"]
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*clients)
+    assert results and set(results) == {200}, sorted(set(results))
+    assert sched.slots["same"].replicas[0].process.pid == pids["same"]
+    assert sched.slots["changed"].replicas[0].plan.n_ctx == 512

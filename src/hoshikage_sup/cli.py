@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", parents=[daemon], help="load a model and wait until it is ready")
     load.add_argument("model")
     load.add_argument("--keep-alive", metavar="D", help='how long it stays loaded once idle: "10m", seconds, -1 = forever')
+    sub.add_parser("reload", parents=[daemon],
+                   help="read the config file again and apply it (as SIGHUP does)")
     restart = sub.add_parser("restart", parents=[daemon],
                              help="replace a loaded model's runners without downtime")
     restart.add_argument("model")
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(cfg.server.log_level)
     try:
-        Server(cfg).run()
+        # What a reload (SIGHUP) needs to read the config again the same way.
+        Server(cfg, path=args.config or os.environ.get("HOSHIKAGE_CONFIG"), host=args.host, port=args.port).run()
     except RuntimeDirError as e:  # where runner sockets go: a setting to fix, like any config error
         where = f"{cfg.source}: server.runtime_dir" if cfg.server.runtime_dir else "XDG_RUNTIME_DIR / temp directory"
         print(f"hoshikage: config error: {where}: {e}", file=sys.stderr)
@@ -268,6 +271,20 @@ def _load(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _reload(client: Any, args: argparse.Namespace) -> int:
+    from .client import print_json
+
+    r = client.reload()
+    if args.json:
+        print_json(r, sys.stdout)
+        return 0
+    changed = {kind: names for kind, names in (r.get("models") or {}).items() if names and kind != "unchanged"}
+    _out("reloaded: " + ("; ".join(f"{kind} {', '.join(names)}" for kind, names in changed.items()) or "no model changed"))
+    for line in r.get("restart_needed") or []:
+        _out(f"needs a restart to apply: {line}")
+    return 0
+
+
 def _restart(client: Any, args: argparse.Namespace) -> int:
     from .client import describe_model, print_json
 
@@ -334,6 +351,7 @@ CLIENT_COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "ps": _ps,
     "list": _list,
     "load": _load,
+    "reload": _reload,
     "restart": _restart,
     "unload": _unload,
     "logs": _logs,

@@ -153,6 +153,9 @@ class AdminClient:
         body = {"keep_alive": keep_alive} if keep_alive is not None else None
         return self._call("POST", self._model_path(name, "load"), json=body, timeout=LOAD_TIMEOUT)
 
+    def reload(self) -> dict[str, Any]:
+        return self._call("POST", "/admin/reload", timeout=LOAD_TIMEOUT)
+
     def restart(self, name: str) -> dict[str, Any]:
         return self._call("POST", self._model_path(name, "restart"), timeout=LOAD_TIMEOUT)
 

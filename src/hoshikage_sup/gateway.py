@@ -145,6 +145,8 @@ async def _settle(lease: Lease) -> None:
 def _runner_failure_message(lease: Lease, e: BaseException) -> str:
     proc = lease.replica.process
     msg = f"runner for model '{lease.model.name}' failed while serving the request ({type(e).__name__}: {e})"
+    if lease.replica.slot.draining == "shutdown":
+        return f"the server is shutting down: the runner for model '{lease.model.name}' was stopped under the request"
     if proc.returncode is not None:
         msg = (f"runner for model '{lease.model.name}' exited while serving the request "
                f"({describe_returncode(proc.returncode)})")

@@ -454,6 +454,9 @@ class RunnerProcess:
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ if self._env is None else self._env)
+        # systemd's notify socket and watchdog are the supervisor's, not a runner's.
+        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(key, None)
         env["PYTHONUNBUFFERED"] = "1"  # output must arrive line by line: it is our progress signal
         env[ENV_SUPERVISOR_PID] = str(os.getpid())
         return env
@@ -466,7 +469,11 @@ class RunnerProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(fd,),
-                start_new_session=False,
+                # Its own session: a Ctrl-C in the supervisor's terminal reaches the
+                # supervisor, which drains and then stops its runners, instead of
+                # cutting their generations at once.  (Supervisor death is still
+                # seen: parent-death signal and the stdin lifeline.)
+                start_new_session=True,
                 env=self._child_env(),
             )
         except OSError as e:

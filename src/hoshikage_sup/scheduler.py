@@ -377,6 +377,7 @@ class Scheduler:
         self._recovering = 0
         self._closed = False
         self._watchdog: asyncio.Task | None = None
+        self._refusing = False  # a shutdown's drain: requests in flight finish, no new ones
         self._in_schedule = False
         self._again = False
         self._changed = asyncio.Event()
@@ -414,7 +415,7 @@ class Scheduler:
     ) -> Lease:
         """Wait for a replica of `model` with `options`; the queue is FIFO per model.
         Raises QueueFull, ModelLoadError, InsufficientMemory, ShuttingDown."""
-        if self._closed:
+        if self._closed or self._refusing:
             raise ShuttingDown("the server is shutting down")
         if len(self.pending) >= self.config.server.max_queue:
             self.counters["rejected_queue_full"] += 1
@@ -648,6 +649,11 @@ class Scheduler:
         idle = lambda: not self.pending and not any(s.refcount for s in self.slots.values())  # noqa: E731
         if not await self.wait_until(idle, timeout):
             raise TimeoutError("scheduler did not become idle")
+
+    def refuse_new(self) -> None:
+        """The start of a shutdown: new requests get ShuttingDown; those in
+        flight or already queued are served."""
+        self._refusing = True
 
     async def close(self) -> None:
         """Refuse new work, fail what waits, stop every runner."""

@@ -403,8 +403,9 @@ class Server:
         if self.draining:
             n = self._inflight
             return f"shutting down: {n} request{'' if n == 1 else 's'} in flight"
-        models = [f"{name} ({slot.state()})" for name, slot in sorted(s.slots.items())]
-        queued = f"{s.queue_depth()} queued"
+        status = s.status(measure=False)
+        models = [f"{m.name} ({m.state})" for m in status.models]
+        queued = f"{status.queued} queued"
         if not models:
             return f"no model loaded; {queued}"
         shown = models[:STATUS_MODELS]
@@ -441,6 +442,8 @@ class Server:
         timeout = self.config.server.shutdown_timeout
         sdnotify.notify("STOPPING=1")
         self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.refuse_new()  # what the HTTP layer does not see either (preloads)
         log.info(
             "shutting down", requests_in_flight=self._inflight,
             queued=self.scheduler.queue_depth() if self.scheduler else 0, shutdown_timeout=timeout,

@@ -345,6 +345,21 @@ async def restart(request: web.Request) -> web.Response:
     return _json({"model": _one(request, model), "restart_duration": round(time.monotonic() - t0, 3)})
 
 
+async def reload(request: web.Request) -> web.Response:
+    """Read the config file again and apply it (as SIGHUP does): unchanged
+    models keep their runners, changed ones restart without downtime, removed
+    ones drain, new ones can be requested.  An invalid file changes nothing:
+    400 with each problem, as `hoshikage check` prints them."""
+    reload_config = ctx(request).extra.get("reload")
+    if reload_config is None:
+        raise HoshikageError("this daemon cannot reload its config (it was not started from a file)")
+    result = reload_config()
+    if not result.get("ok"):
+        problems = result.get("problems") or ["the config could not be read"]
+        raise BadRequest("config rejected, the running one stays: " + "; ".join(problems), param="config")
+    return _json(result)
+
+
 async def _wait_stopped(scheduler: Scheduler, names: list[str], timeout: float) -> None:
     """Until each model's runners are gone, or it is busy (it stops when its requests end)."""
     status = scheduler.status(measure=False)
@@ -455,4 +470,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/models/{name:.+}/restart", restart)
     app.router.add_get("/admin/models/{name:.+}/logs", logs)
     app.router.add_post("/admin/unload", unload_all)
+    app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/events", events)
