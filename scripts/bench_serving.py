@@ -182,6 +182,60 @@ def bench_switch(model: Path, rounds: int) -> dict:
     return {"switch_seconds_median": statistics.median(times), "switch_seconds": times}
 
 
+def bench_crash(model: Path, rounds: int) -> dict:
+    """SIGKILL a runner under steady load; seconds until the next success for
+    its model, next to that replacement's own load time (from the events)."""
+    import threading
+
+    sup = Supervisor("[server]\nkeep_alive = -1\n" + model_table("demo", model, n_ctx=512))
+    gaps, loads = [], []
+    try:
+        with httpx.Client() as client:
+            one_token(client, sup.url, "demo")
+            for _ in range(rounds):
+                successes: list[float] = []
+                stop = threading.Event()
+
+                def load() -> None:
+                    with httpx.Client() as c:
+                        while not stop.is_set():
+                            try:
+                                body = {"model": "demo", "prompt": "Hi", "max_tokens": 1}
+                                if c.post(sup.url + "/v1/completions", json=body, timeout=60).status_code == 200:
+                                    successes.append(time.monotonic())
+                            except httpx.HTTPError:
+                                pass
+
+                worker = threading.Thread(target=load)
+                worker.start()
+                time.sleep(0.5)
+                ps = client.get(sup.url + "/api/ps").json()["models"]
+                pid = ps[0]["pids"][0]
+                after = max((e["seq"] for e in client.get(sup.url + "/admin/events").json()["events"]), default=0)
+                killed = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                deadline = killed + 60
+                while time.monotonic() < deadline and not any(t > killed + 0.05 for t in successes):
+                    time.sleep(0.01)
+                stop.set()
+                worker.join()
+                nxt = min((t for t in successes if t > killed + 0.05), default=None)
+                events = client.get(sup.url + "/admin/events", params={"after": after}).json()["events"]
+                ready = [e for e in events if e["kind"] == "ready"]
+                if nxt is not None and ready:
+                    gaps.append(nxt - killed)
+                    loads.append(ready[0]["detail"]["load_seconds"])
+                time.sleep(1.5)  # past the backoff's "at once" window: each kill is a first crash
+    finally:
+        sup.close()
+    return {
+        "kill_to_next_success_seconds_median": statistics.median(gaps),
+        "replacement_load_seconds_median": statistics.median(loads),
+        "kill_to_next_success_minus_load_seconds_median": statistics.median(g - l for g, l in zip(gaps, loads)),
+        "kill_to_next_success_seconds": gaps,
+    }
+
+
 def _check_model(model: Path) -> bool:
     if not model.is_file():
         print(f"bench: model file {model} not found (run scripts/setup)", file=sys.stderr)
@@ -219,6 +273,20 @@ def add_stream(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=20, help="1-token requests per path, alternating")
     p.set_defaults(func=cmd_stream)
+
+
+def cmd_crash(args) -> int:
+    if not _check_model(args.model):
+        return 2
+    _print(bench_crash(args.model, args.rounds))
+    return 0
+
+
+def add_crash(sub) -> None:
+    p = sub.add_parser("crash", help="SIGKILL a runner under steady load: time to the next success vs its load time")
+    _model_arg(p)
+    p.add_argument("--rounds", type=int, default=5)
+    p.set_defaults(func=cmd_crash)
 
 
 def add_switch(sub) -> None:
