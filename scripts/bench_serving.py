@@ -184,15 +184,17 @@ def bench_switch(model: Path, rounds: int) -> dict:
 
 def bench_crash(model: Path, rounds: int) -> dict:
     """SIGKILL a runner under steady load; seconds until the next success for
-    its model, next to that replacement's own load time (from the events)."""
+    its model, next to that replacement's own load time (from the events).
+    Each round uses a fresh supervisor: a runner killed again within a minute
+    is a crash loop, replaced with a growing delay on purpose."""
     import threading
 
-    sup = Supervisor("[server]\nkeep_alive = -1\n" + model_table("demo", model, n_ctx=512))
     gaps, loads = [], []
-    try:
-        with httpx.Client() as client:
-            one_token(client, sup.url, "demo")
-            for _ in range(rounds):
+    for _ in range(rounds):
+        sup = Supervisor("[server]\nkeep_alive = -1\n" + model_table("demo", model, n_ctx=512))
+        try:
+            with httpx.Client() as client:
+                one_token(client, sup.url, "demo")
                 successes: list[float] = []
                 stop = threading.Event()
 
@@ -209,8 +211,7 @@ def bench_crash(model: Path, rounds: int) -> dict:
                 worker = threading.Thread(target=load)
                 worker.start()
                 time.sleep(0.5)
-                ps = client.get(sup.url + "/api/ps").json()["models"]
-                pid = ps[0]["pids"][0]
+                pid = client.get(sup.url + "/api/ps").json()["models"][0]["pids"][0]
                 after = max((e["seq"] for e in client.get(sup.url + "/admin/events").json()["events"]), default=0)
                 killed = time.monotonic()
                 os.kill(pid, signal.SIGKILL)
@@ -225,14 +226,14 @@ def bench_crash(model: Path, rounds: int) -> dict:
                 if nxt is not None and ready:
                     gaps.append(nxt - killed)
                     loads.append(ready[0]["detail"]["load_seconds"])
-                time.sleep(1.5)  # past the backoff's "at once" window: each kill is a first crash
-    finally:
-        sup.close()
+        finally:
+            sup.close()
     return {
         "kill_to_next_success_seconds_median": statistics.median(gaps),
         "replacement_load_seconds_median": statistics.median(loads),
         "kill_to_next_success_minus_load_seconds_median": statistics.median(g - l for g, l in zip(gaps, loads)),
         "kill_to_next_success_seconds": gaps,
+        "replacement_load_seconds": loads,
     }
 
 
