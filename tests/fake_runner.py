@@ -18,6 +18,8 @@ Start-up behaviour, from the environment:
 * ``FAKE_NOISE_BYTES`` (int): print this many bytes of filler output while loading.
 * ``FAKE_CRASH_AFTER`` (seconds): once serving, die like a failed GGML_ASSERT after this long.
 * ``FAKE_IGNORE_SIGTERM`` (``1``): ignore SIGTERM (the supervisor must fall back to SIGKILL).
+* ``FAKE_HANG_AFTER`` (int): generations after the first N never answer (a wedged
+  model), while /health keeps answering.
 * ``FAKE_TOKENS`` (int, default 8) and ``FAKE_TOKEN_DELAY`` (seconds, default 0): default generation.
 
 Per request, a ``"fake"`` object in the JSON body overrides:
@@ -213,6 +215,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, body: dict[str, Any], *, chat: bool) -> web.StreamResponse:
     fake = body.get("fake") or {}
+    hang_after = _env_int("FAKE_HANG_AFTER", -1)
+    if hang_after >= 0:
+        request.app[SETTINGS]["generations"] = request.app[SETTINGS].get("generations", 0) + 1
+        if request.app[SETTINGS]["generations"] > hang_after:
+            await asyncio.Event().wait()  # accepted, never answered
     async with request.app[GENERATION_LOCK]:  # one generation at a time, like llama_cpp.server
         if fake.get("fail"):
             return _error(int(fake["fail"]), "fake failure requested by the test")

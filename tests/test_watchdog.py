@@ -100,3 +100,16 @@ async def test_healthy_runners_are_left_alone(make_server, http):
     await asyncio.sleep(1.5)
     assert sched.slots["m"].replicas[0].process.pid == pid
     assert not [e for e in sched.events.recent() if e.kind == "killing"]
+
+
+async def test_a_runner_that_answers_health_but_never_generates_is_found_by_the_probe(make_server, http):
+    # FAKE_HANG_AFTER=1: the first generation works, every later one hangs, /health still answers.
+    h = await make_server({"m": {}}, server={**FAST, "probe_interval": "0.3s"}, env={"FAKE_HANG_AFTER": "1"})
+    sched = h.scheduler
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("m")))[0] == 200
+    pid = sched.slots["m"].replicas[0].process.pid
+    await sched.wait_until(lambda: sched.slots.get("m") is not None and sched.slots["m"].ready
+                           and sched.slots["m"].replicas[0].process.pid != pid, DEADLINE)
+    assert ("killing", "probe") in [(e.kind, e.reason.split(":")[0]) for e in sched.events.recent(model="m")]
+    assert sched.counters["requests"] == 1  # probes are not requests
+    assert sched.invariants() == []

@@ -60,6 +60,9 @@ class ServerConfig:
     health_interval: float = 5.0
     health_timeout: float = 15.0
     stall_timeout: float = 60.0
+    # 0 = off; else an idle runner is asked for a real 1-token generation this
+    # often (a runner can answer /health and never generate).
+    probe_interval: float = 0.0
     log_level: str = "info"
     # Where runners' Unix sockets live (a private 0700 directory is made in it);
     # None: $XDG_RUNTIME_DIR, else the system's temporary directory.
@@ -279,6 +282,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
     "stop_timeout", "shutdown_timeout", "request_timeout", "health_interval", "health_timeout", "stall_timeout",
+    "probe_interval",
     "log_level", "runtime_dir", "api_keys", "api_keys_file",
     "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
     "max_connections", "max_body_size",
@@ -312,6 +316,7 @@ def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> Server
         health_interval=_take(c, "server.health_interval", t, "health_interval", _positive_timeout, d.health_interval),
         health_timeout=_take(c, "server.health_timeout", t, "health_timeout", _positive_timeout, d.health_timeout),
         stall_timeout=_take(c, "server.stall_timeout", t, "stall_timeout", _positive_timeout, d.stall_timeout),
+        probe_interval=_take(c, "server.probe_interval", t, "probe_interval", _timeout, d.probe_interval),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
         runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),

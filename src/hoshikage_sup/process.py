@@ -759,6 +759,21 @@ class RunnerProcess:
 
     # ----------------------------------------------------------------- health
 
+    async def probe(self, timeout: float) -> bool:
+        """True when the runner really generates: one token (or one embedding)
+        within ``timeout``.  A runner can answer /health and never generate."""
+        if self.state != "ready" or self._session is None or self._session.closed:
+            return False
+        path, body = (("/v1/embeddings", {"input": "probe"}) if self.spec.embedding
+                      else ("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "temperature": 0}))
+        try:
+            async with self._session.post(self.base_url + path, json=body,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                await response.read()
+                return response.status == 200
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
     async def health(self, timeout: float = 1.0) -> bool:
         """True when the child answers ``GET /health`` with status ok within ``timeout``.
 

@@ -230,6 +230,7 @@ class Replica:
         self.served = 0
         self.loaded_at: float | None = None
         self.last_healthy = 0.0  # monotonic: the last /health answer (the watchdog's)
+        self.last_probe = 0.0  # monotonic: the last real generation probe (probe_interval)
         self.killed_for: str | None = None  # why the supervisor killed it (watchdog, stall)
         # A restart starts a new generation of replicas; the old one keeps
         # serving until a new replica is ready, then retires (see Slot.current).
@@ -1194,7 +1195,30 @@ class Scheduler:
                     r.last_healthy = now
                 elif r.state == ReplicaState.READY and now - r.last_healthy >= server.health_timeout:
                     self.kill_wedged(r, f"watchdog: no health answer for {now - r.last_healthy:.1f} s")
+            if server.probe_interval > 0:
+                due = [r for r in ready if r.available and now - max(r.last_probe, r.loaded_at or 0) >= server.probe_interval]
+                if due:
+                    await asyncio.gather(*(self._probe(r) for r in due), return_exceptions=True)
             await asyncio.sleep(server.health_interval)
+
+    async def _probe(self, r: Replica) -> None:
+        """A real 1-token generation on an idle runner, holding it as a lease so
+        no request is handed to it meanwhile; no answer within health_timeout
+        and the runner is replaced.  The model's idle countdown is not reset."""
+        slot = r.slot
+        lease = Lease(replica=r, queued=0.0, load_duration=0.0, load_only=True)
+        r.inflight += 1
+        self.leases.add(lease)
+        r.last_probe = time.monotonic()
+        timeout = self.config.server.health_timeout
+        try:
+            ok = await r.process.probe(timeout)
+        finally:
+            self.release(lease)
+            if slot.armed and slot.timer is None and slot.expires_at is not None and slot.expires_at <= self._clock():
+                self._expire(slot)  # its session ended during the probe
+        if not ok and r.state == ReplicaState.READY:
+            self.kill_wedged(r, f"probe: no 1-token generation within {timeout:g} s")
 
     def kill_wedged(self, r: Replica, why: str) -> None:
         """Kill a runner that is alive but no longer works (it answers no health
