@@ -115,3 +115,44 @@ async def test_unload_cancels_a_pending_crash_replacement(make_server, http):
     sched.unload("m")
     await asyncio.sleep(1.5)
     assert len(h.spawner.processes) == spawned and "m" not in sched.slots
+
+
+@pytest.mark.model
+async def test_restart_of_the_real_model_under_steady_load_fails_nothing(tmp_path, demo_model, http):
+    from hoshikage_sup.config import parse_config
+    from hoshikage_sup.devices import SimulatedSource
+    from hoshikage_sup.server import Server
+
+    cfg = parse_config({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "models": {"gemma": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "chat_format": "gemma"}},
+    }, base_dir=tmp_path)
+    server = Server(cfg, devices=SimulatedSource(system_total=64 * 2**30))
+    await server.startup()
+    url = f"http://127.0.0.1:{server.port}"
+    results: list[int] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            status, _, _ = await post_json(http, url + "/v1/completions", {"model": "gemma", "prompt": "Hi", "max_tokens": 2})
+            results.append(status)
+
+    try:
+        status, _, _ = await post_json(http, url + "/v1/completions", {"model": "gemma", "prompt": "Hi", "max_tokens": 1})
+        assert status == 200
+        old = server.scheduler.slots["gemma"].replicas[0].process.pid
+        clients = [asyncio.ensure_future(client()) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        async with http.post(url + "/admin/models/gemma/restart") as r:
+            assert r.status == 200, await r.text()
+        await server.scheduler.wait_until(
+            lambda: [x.process.pid for x in server.scheduler.slots["gemma"].replicas] not in ([], [old])
+            and all(x.process.pid != old for x in server.scheduler.slots["gemma"].replicas), DEADLINE)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert len(results) > 5 and set(results) == {200}, results  # zero failed requests
+        print(f"restart under load: {len(results)} requests, {results.count(200)} succeeded")
+    finally:
+        await server.shutdown()
