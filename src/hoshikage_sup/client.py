@@ -11,13 +11,13 @@ into the tables people read; `--json` prints the JSON itself instead.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 from typing import Any, Iterator, TextIO
 from urllib.parse import quote
 
 import httpx
 
+from .auth import is_loopback
 from .durations import format_size
 
 # Plain calls; a load waits for the runner, which can take minutes for a big model.
@@ -58,14 +58,8 @@ def _reason(e: httpx.TransportError) -> str:
 
 def _loopback(url: str) -> bool:
     try:
-        host = httpx.URL(url).host
+        return is_loopback(httpx.URL(url).host)
     except (httpx.InvalidURL, ValueError):
-        return False
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
         return False
 
 

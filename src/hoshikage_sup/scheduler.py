@@ -25,7 +25,7 @@ import itertools
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -99,15 +99,7 @@ class RunnerOptions:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "n_ctx": self.n_ctx,
-            "n_batch": self.n_batch,
-            "n_threads": self.n_threads,
-            "n_gpu_layers": self.n_gpu_layers,
-            "flash_attn": self.flash_attn,
-            "cache_type_k": self.cache_type_k,
-            "cache_type_v": self.cache_type_v,
-        }
+        return asdict(self)
 
 
 def _runner_fields(model: ModelConfig) -> tuple[Any, ...]:
