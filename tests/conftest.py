@@ -27,6 +27,15 @@ def fake_runner_command() -> list[str]:
     return [sys.executable, str(TESTS / "fake_runner.py")]
 
 
+@pytest.fixture
+async def http():
+    """An aiohttp client session with a generous overall bound (against hangs)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60.0)) as s:
+        yield s
+
+
 # ------------------------------------------------------------------ supervisor harness
 # A whole supervisor (Server: scheduler, gateway, API layers) in the test's event
 # loop, with runners spawned from tests/fake_runner.py.
@@ -96,7 +105,9 @@ class ServerHandle:
 @pytest.fixture
 async def make_server(tmp_path, demo_model, fake_runner_command):
     """Factory: `await make_server({"a": {...model table...}}, server={...}, memory={...},
-    devices=..., env={...}, model_env={"a": {...}})` -> ServerHandle.
+    devices=..., env={...}, model_env={"a": {...}}, real=False)` -> ServerHandle.
+    With `real=True` the runners are the real ones (llama_cpp.server on the
+    demo model): mark such tests `@pytest.mark.model`.
 
     Every model's `path` defaults to the demo GGUF (the planner reads its
     metadata; the fake runner never loads it) and `n_ctx` to 256.  `devices`
@@ -110,17 +121,19 @@ async def make_server(tmp_path, demo_model, fake_runner_command):
 
     started: list[ServerHandle] = []
 
-    async def make(models, *, server=None, memory=None, devices=None, env=None, model_env=None, spawner=None):
+    async def make(models, *, server=None, memory=None, devices=None, env=None, model_env=None, spawner=None,
+                   real=False):
         table = {
             "server": {"host": "127.0.0.1", "port": 0, **(server or {})},
             "memory": dict(memory or {}),
             "models": {name: {"path": str(demo_model), "n_ctx": 256, **m} for name, m in models.items()},
         }
         cfg = parse_config(table, base_dir=tmp_path)
-        spawner = spawner or FakeSpawner(fake_runner_command, env=env, model_env=model_env)
+        if not real:
+            spawner = spawner or FakeSpawner(fake_runner_command, env=env, model_env=model_env)
         if devices is None:
             devices = SimulatedSource(system_total=64 * 2**30)
-        srv = Server(cfg, devices=devices, spawn=spawner)
+        srv = Server(cfg, devices=devices, spawn=spawner)  # spawn None (real=True): the real runner
         if isinstance(spawner, FakeSpawner):
             spawner.server = srv
         await srv.startup()

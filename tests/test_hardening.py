@@ -25,12 +25,6 @@ from httputil import post_json
 DEADLINE = 60.0  # a bound against hangs, never a performance claim
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
-        yield s
-
-
 def chat_body(model: str, text: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
 
@@ -326,92 +320,67 @@ async def test_slow_and_idle_clients_are_cut_off_and_others_are_served(make_serv
 
 
 @pytest.mark.model
-async def test_grammars_that_crashed_the_runner_are_400s_on_the_real_model(tmp_path, demo_model, http):
+async def test_grammars_that_crashed_the_runner_are_400s_on_the_real_model(make_server, http):
     """Each of these once killed the runner (SIGSEGV at set-up, or an abort
     while sampling); now they are 400s and the same runner goes on serving."""
-    from hoshikage_sup.config import parse_config
-    from hoshikage_sup.devices import SimulatedSource
-    from hoshikage_sup.server import Server
+    h = await make_server({"gemma": {"n_threads": 1, "chat_format": "gemma"}}, real=True)
+    server = h.server
+    url = h.url
+    ok = {"model": "gemma", "prompt": "Answer yes or no:", "max_tokens": 4, "grammar": 'root ::= "yes" | "no"'}
+    status, body, _ = await post_json(http, url + "/v1/completions", ok)
+    assert status == 200, body
+    assert body["choices"][0]["text"] in ("yes", "no")
+    pid = server.scheduler.slots["gemma"].replicas[0].process.pid
+    for grammar in ("root ::= (", "root ::= foo", "root ::= [z-a]", 'root ::= "\\x00"', "root ::= <[999999]>"):
+        for path, extra in (("/v1/completions", {"prompt": "x"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            status, body, _ = await post_json(http, url + path, {"model": "gemma", "max_tokens": 4,
+                                                                 "grammar": grammar, **extra})
+            assert status == 400, (grammar, body)
+            assert body["error"]["param"] == "grammar", body
+    status, body, _ = await post_json(http, url + "/v1/completions", ok)
+    assert status == 200, body
+    assert server.scheduler.slots["gemma"].replicas[0].process.pid == pid
+    assert server.scheduler.counters["crashes"] == 0
 
-    cfg = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0},
-        "models": {"gemma": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "chat_format": "gemma"}},
-    }, base_dir=tmp_path)
-    server = Server(cfg, devices=SimulatedSource(system_total=64 * 2**30))
-    await server.startup()
-    try:
-        url = f"http://127.0.0.1:{server.port}"
-        ok = {"model": "gemma", "prompt": "Answer yes or no:", "max_tokens": 4, "grammar": 'root ::= "yes" | "no"'}
-        status, body, _ = await post_json(http, url + "/v1/completions", ok)
-        assert status == 200, body
-        assert body["choices"][0]["text"] in ("yes", "no")
-        pid = server.scheduler.slots["gemma"].replicas[0].process.pid
-        for grammar in ("root ::= (", "root ::= foo", "root ::= [z-a]", 'root ::= "\\x00"', "root ::= <[999999]>"):
-            for path, extra in (("/v1/completions", {"prompt": "x"}),
-                                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
-                status, body, _ = await post_json(http, url + path, {"model": "gemma", "max_tokens": 4,
-                                                                     "grammar": grammar, **extra})
-                assert status == 400, (grammar, body)
-                assert body["error"]["param"] == "grammar", body
-        status, body, _ = await post_json(http, url + "/v1/completions", ok)
-        assert status == 200, body
-        assert server.scheduler.slots["gemma"].replicas[0].process.pid == pid
-        assert server.scheduler.counters["crashes"] == 0
-
-        # A runner that dies without a word (SIGSEGV mid-generation) is
-        # explained by its exit, not by the timing lines it printed before.
-        long = asyncio.ensure_future(post_json(http, url + "/v1/completions", {
-            "model": "gemma", "prompt": "Count:", "max_tokens": 200, "temperature": 0}))
-        await asyncio.sleep(0.5)
-        os.kill(pid, signal.SIGSEGV)
-        status, body, _ = await long
-        assert status == 502, body
-        message = body["error"]["message"]
-        assert "SIGSEGV" in message, message
-        assert "llama_perf" not in message and "time =" not in message, message
-    finally:
-        await server.shutdown()
+    # A runner that dies without a word (SIGSEGV mid-generation) is
+    # explained by its exit, not by the timing lines it printed before.
+    long = asyncio.ensure_future(post_json(http, url + "/v1/completions", {
+        "model": "gemma", "prompt": "Count:", "max_tokens": 200, "temperature": 0}))
+    await asyncio.sleep(0.5)
+    os.kill(pid, signal.SIGSEGV)
+    status, body, _ = await long
+    assert status == 502, body
+    message = body["error"]["message"]
+    assert "SIGSEGV" in message, message
+    assert "llama_perf" not in message and "time =" not in message, message
 
 
 # ------------------------------------------------------------------ 4. overflow on the real model, every endpoint
 
 
 @pytest.mark.model
-async def test_a_prompt_over_the_context_is_a_400_with_the_numbers_everywhere(tmp_path, demo_model, http):
-    from hoshikage_sup.config import parse_config
-    from hoshikage_sup.devices import SimulatedSource
-    from hoshikage_sup.server import Server
-
-    cfg = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0},
-        "models": {
-            "gemma": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "chat_format": "gemma"},
-            "emb": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "embedding": True},
-        },
-    }, base_dir=tmp_path)
-    server = Server(cfg, devices=SimulatedSource(system_total=64 * 2**30))
-    await server.startup()
+async def test_a_prompt_over_the_context_is_a_400_with_the_numbers_everywhere(make_server, http):
+    h = await make_server({"gemma": {"n_threads": 1, "chat_format": "gemma"},
+                           "emb": {"n_threads": 1, "embedding": True}}, real=True)
+    server, url = h.server, h.url
     long = "star light " * 400  # about 800 tokens, over n_ctx 256
-    try:
-        url = f"http://127.0.0.1:{server.port}"
-        cases = [
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}], "stream": True}),
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}),
-            ("/v1/completions", {"prompt": long, "stream": True}),
-            ("/api/chat", {"messages": [{"role": "user", "content": long}]}),  # Ollama streams by default
-            ("/api/generate", {"prompt": long, "stream": False}),
-        ]
-        for path, body in cases:
-            status, answer, headers = await post_json(http, url + path, {"model": "gemma", **body})
-            assert status == 400, (path, body.get("stream"), answer)
-            message = ollama_error(answer) if path.startswith("/api/") else openai_error(answer)["message"]
-            assert "256" in message and "None" not in message, message
-            assert headers["Content-Type"].startswith("application/json")
-        for path, body in (("/v1/embeddings", {"input": long}), ("/api/embed", {"input": [long]})):
-            status, answer, _ = await post_json(http, url + path, {"model": "emb", **body})
-            assert status == 400, (path, answer)
-            status, answer, _ = await post_json(http, url + path, {"model": "emb", "truncate": True, **body})
-            assert status == 200, (path, answer)
-        assert server.scheduler.counters["crashes"] == 0
-    finally:
-        await server.shutdown()
+    cases = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}], "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]}),
+        ("/v1/completions", {"prompt": long, "stream": True}),
+        ("/api/chat", {"messages": [{"role": "user", "content": long}]}),  # Ollama streams by default
+        ("/api/generate", {"prompt": long, "stream": False}),
+    ]
+    for path, body in cases:
+        status, answer, headers = await post_json(http, url + path, {"model": "gemma", **body})
+        assert status == 400, (path, body.get("stream"), answer)
+        message = ollama_error(answer) if path.startswith("/api/") else openai_error(answer)["message"]
+        assert "256" in message and "None" not in message, message
+        assert headers["Content-Type"].startswith("application/json")
+    for path, body in (("/v1/embeddings", {"input": long}), ("/api/embed", {"input": [long]})):
+        status, answer, _ = await post_json(http, url + path, {"model": "emb", **body})
+        assert status == 400, (path, answer)
+        status, answer, _ = await post_json(http, url + path, {"model": "emb", "truncate": True, **body})
+        assert status == 200, (path, answer)
+    assert server.scheduler.counters["crashes"] == 0

@@ -6,19 +6,12 @@ import asyncio
 import os
 import signal
 
-import aiohttp
 import pytest
 
 from hoshikage_sup.scheduler import TRANSITIONS, ReplicaState
 from httputil import post_json
 
 DEADLINE = 60.0
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
-        yield s
 
 
 def chat(model: str, **extra) -> dict:
@@ -118,18 +111,9 @@ async def test_unload_cancels_a_pending_crash_replacement(make_server, http):
 
 
 @pytest.mark.model
-async def test_restart_of_the_real_model_under_steady_load_fails_nothing(tmp_path, demo_model, http):
-    from hoshikage_sup.config import parse_config
-    from hoshikage_sup.devices import SimulatedSource
-    from hoshikage_sup.server import Server
-
-    cfg = parse_config({
-        "server": {"host": "127.0.0.1", "port": 0},
-        "models": {"gemma": {"path": str(demo_model), "n_ctx": 256, "n_threads": 1, "chat_format": "gemma"}},
-    }, base_dir=tmp_path)
-    server = Server(cfg, devices=SimulatedSource(system_total=64 * 2**30))
-    await server.startup()
-    url = f"http://127.0.0.1:{server.port}"
+async def test_restart_of_the_real_model_under_steady_load_fails_nothing(make_server, http):
+    h = await make_server({"gemma": {"n_threads": 1, "chat_format": "gemma"}}, real=True)
+    sched, url = h.scheduler, h.url
     results: list[int] = []
     stop = asyncio.Event()
 
@@ -138,21 +122,17 @@ async def test_restart_of_the_real_model_under_steady_load_fails_nothing(tmp_pat
             status, _, _ = await post_json(http, url + "/v1/completions", {"model": "gemma", "prompt": "Hi", "max_tokens": 2})
             results.append(status)
 
-    try:
-        status, _, _ = await post_json(http, url + "/v1/completions", {"model": "gemma", "prompt": "Hi", "max_tokens": 1})
-        assert status == 200
-        old = server.scheduler.slots["gemma"].replicas[0].process.pid
-        clients = [asyncio.ensure_future(client()) for _ in range(2)]
-        await asyncio.sleep(0.5)
-        async with http.post(url + "/admin/models/gemma/restart") as r:
-            assert r.status == 200, await r.text()
-        await server.scheduler.wait_until(
-            lambda: [x.process.pid for x in server.scheduler.slots["gemma"].replicas] not in ([], [old])
-            and all(x.process.pid != old for x in server.scheduler.slots["gemma"].replicas), DEADLINE)
-        await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.gather(*clients)
-        assert len(results) > 5 and set(results) == {200}, results  # zero failed requests
-        print(f"restart under load: {len(results)} requests, {results.count(200)} succeeded")
-    finally:
-        await server.shutdown()
+    status, _, _ = await post_json(http, url + "/v1/completions", {"model": "gemma", "prompt": "Hi", "max_tokens": 1})
+    assert status == 200
+    old = sched.slots["gemma"].replicas[0].process.pid
+    clients = [asyncio.ensure_future(client()) for _ in range(2)]
+    await asyncio.sleep(0.5)
+    async with http.post(url + "/admin/models/gemma/restart") as r:
+        assert r.status == 200, await r.text()
+    await sched.wait_until(lambda: sched.slots["gemma"].replicas and all(
+        x.process.pid != old for x in sched.slots["gemma"].replicas), DEADLINE)
+    await asyncio.sleep(0.5)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert len(results) > 5 and set(results) == {200}, results  # zero failed requests
+    print(f"restart under load: {len(results)} requests, {results.count(200)} succeeded")

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
 
 from hoshikage_sup.config import parse_config
 from httputil import post_json
 
 DEADLINE = 60.0
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
-        yield s
 
 
 def chat(model: str) -> dict:

@@ -24,12 +24,6 @@ DEADLINE = 60.0
 FAST = {"health_interval": "0.2s", "health_timeout": "1s"}
 
 
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as s:
-        yield s
-
-
 def chat(model: str, **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
