@@ -27,6 +27,7 @@ async def test_apply_config_keeps_unchanged_runners_and_replaces_the_rest(make_s
         "models": {
             "same": {"path": str(demo_model), "n_ctx": 256},
             "changed": {"path": str(demo_model), "n_ctx": 512},
+            # keep_alive and aliases are not the runner's business: same runner
             "renamed_alias": {"path": str(demo_model), "n_ctx": 256, "aliases": ["new"], "keep_alive": "1h"},
             "added": {"path": str(demo_model), "n_ctx": 256},
         },
@@ -52,3 +53,17 @@ async def test_apply_config_keeps_unchanged_runners_and_replaces_the_rest(make_s
     assert sched.slots["changed"].replicas[0].process.pid != pids["changed"]
     assert sched.slots["changed"].replicas[0].plan.n_ctx == 512
     assert sched.invariants() == []
+
+
+async def test_a_runner_is_restarted_exactly_when_its_spec_changes(make_server, http, demo_model, tmp_path):
+    h = await make_server({"a": {}, "b": {}, "c": {}}, server={"max_loaded_models": 5})
+    for model in ("a", "b", "c"):
+        assert (await post_json(http, h.url + "/v1/chat/completions", chat(model)))[0] == 200
+    base = {"path": str(demo_model), "n_ctx": 256}
+    new = parse_config({"server": {"host": "127.0.0.1", "port": 0, "max_loaded_models": 5}, "models": {
+        "a": {**base, "chat_format": "chatml"},  # what the runner is told changes
+        "b": {**base, "options": {"temperature": 0.1}, "pinned": True},  # request defaults only
+        "c": {**base, "n_threads": 0},  # the default spelled out: the same spec
+    }}, base_dir=tmp_path)
+    changes = h.scheduler.apply_config(new)
+    assert changes["restarted"] == ["a"] and changes["updated"] == ["b"] and changes["unchanged"] == ["c"]

@@ -102,12 +102,6 @@ class RunnerOptions:
         return asdict(self)
 
 
-def _runner_fields(model: ModelConfig) -> tuple[Any, ...]:
-    """What decides how a model's runner is started: equal for two configs of
-    a model means its running runners are still right after a reload."""
-    return (str(model.path), RunnerOptions.for_model(model), model.chat_format, model.embedding)
-
-
 def _overrides(options: RunnerOptions, defaults: RunnerOptions) -> dict[str, Any]:
     """The fields a request set differently from its model's defaults."""
     mine, base = options.describe(), defaults.describe()
@@ -503,8 +497,9 @@ class Scheduler:
         """Take a new, already validated config (a reload).
 
         Server settings read from `config` apply at once (max_loaded_models,
-        max_queue, timeouts, the keep_alive default).  Per model: one whose
-        runner would be started the same way keeps its runners (its other
+        max_queue, timeouts, the keep_alive default).  Per loaded model: one
+        whose runners are still right (`_still_right`: the same RunnerSpec)
+        keeps its runners (its other
         settings, such as keep_alive, pinned or aliases, apply at once); one
         whose runner would differ is restarted without downtime (`restart`:
         the old runners serve until the new ones are ready); one that is gone drains and its waiting
@@ -521,7 +516,7 @@ class Scheduler:
                 changes["added"].append(name)
             elif new is None:
                 changes["removed"].append(name)
-            elif _runner_fields(old) != _runner_fields(new):
+            elif name in self.slots and not self._still_right(self.slots[name], new):
                 changes["restarted"].append(name)
             elif old != new:
                 changes["updated"].append(name)
@@ -944,7 +939,7 @@ class Scheduler:
 
     def _launch(self, slot: Slot, plan: LoadPlan, *, reason: str) -> None:
         index = max((r.index for r in slot.replicas), default=-1) + 1
-        spec = self._spec(slot, plan)
+        spec = self._spec(slot.model, slot.options, plan)
         process = self._spawn(spec, index)
         replica = Replica(slot, plan, process, index)
         process.on_exit = lambda proc, code, r=replica: self._on_exit(r, code)
@@ -957,15 +952,17 @@ class Scheduler:
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.ensure_future(self._watch_health())
 
-    def _spec(self, slot: Slot, plan: LoadPlan) -> RunnerSpec:
-        m = slot.model
-        threads = slot.options.n_threads or (os.cpu_count() or 1)
+    def _spec(self, m: ModelConfig, options: RunnerOptions, plan: LoadPlan) -> RunnerSpec:
+        """The one description of how a runner is started (process.RunnerSpec):
+        what the runner is sent, and what decides whether a running one is
+        still right for a config (`_still_right`)."""
+        threads = options.n_threads or (os.cpu_count() or 1)
         return RunnerSpec(
             model_name=m.name,
             model_path=str(m.path),
             n_ctx=plan.n_ctx,
             n_threads=threads,
-            n_batch=slot.options.n_batch,
+            n_batch=options.n_batch,
             n_gpu_layers=plan.n_gpu_layers,
             tensor_split=plan.tensor_split,
             flash_attn=plan.flash_attn,
@@ -975,6 +972,26 @@ class Scheduler:
             embedding=m.embedding,
             pooling_type=plan.pooling_type,
         )
+
+    def _still_right(self, slot: Slot, model: ModelConfig) -> bool:
+        """Would `slot`'s runners be started the same way under this config of
+        their model?  Spec equality: the spec the config gives, planned as if
+        these runners were gone, against each runner's own.  Where the config
+        leaves placement as it was, the layers on the GPUs are not compared:
+        they follow the memory free at load time, not the config."""
+        options = RunnerOptions.for_model(model, _overrides(slot.options, RunnerOptions.for_model(slot.model)))
+        live = [r for r in slot.live_replicas() if not r.retiring]
+        if not live:
+            return True
+        want = self._spec(model, options, self.planner.plan(model, options, live))
+        same_placement = model.n_gpu_layers == slot.model.n_gpu_layers
+        for r in live:
+            have = r.process.spec
+            if same_placement:
+                have = replace(have, n_gpu_layers=want.n_gpu_layers, tensor_split=want.tensor_split)
+            if have != want:
+                return False
+        return True
 
     def _default_spawn(self, spec: RunnerSpec, index: int) -> RunnerProcess:
         from .runnerlogs import runner_logs_of  # the model's output buffer, kept past the runner's exit
