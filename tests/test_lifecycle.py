@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from hoshikage_sup.scheduler import TRANSITIONS, ReplicaState
+from hoshikage_sup.pool import TRANSITIONS, ReplicaState
 from httputil import post_json
 
 DEADLINE = 60.0
@@ -53,7 +53,7 @@ async def test_an_illegal_transition_is_refused(make_server, http):
     assert (await post_json(http, h.url + "/v1/chat/completions", chat("a")))[0] == 200
     r = h.scheduler.slots["a"].replicas[0]
     with pytest.raises(RuntimeError, match="ready → loading is not a transition"):
-        h.scheduler._transition(r, ReplicaState.LOADING, "loading", "bug")
+        h.scheduler.pool.transition(r, ReplicaState.LOADING, "loading", "bug")
     assert r.state == ReplicaState.READY
     await asyncio.sleep(0)
 

@@ -223,7 +223,7 @@ class Gateway:
                 raise RunnerFailed(_runner_failure_message(lease, e)) from e
             try:
                 yield Upstream(response=response, lease=lease, model=model,
-                               stall_timeout=self.config.server.stall_timeout, on_stall=self.scheduler.kill_wedged)
+                               stall_timeout=self.config.server.stall_timeout, on_stall=self.scheduler.pool.kill_wedged)
             finally:
                 response.close()
                 self.scheduler.release(lease)

@@ -5,10 +5,11 @@ loaded, evicted, reloaded or restarted lives here, in one object driven by one
 event loop (Ollama's `server/sched.go` idea, in asyncio form).  State changes
 only happen in synchronous methods of this class; after each change
 `_schedule()` runs one pass over the pending requests and makes every decision
-that the new state allows.  Long work (spawning a process, stopping one,
-waiting for memory to come back) runs in tasks that report back by changing
-state and calling `_schedule()` again.  docs/design.md describes the states
-and decisions.
+that the new state allows.  Carrying the decisions out is the runner pool's
+job (pool.py: spawn, load, stop, the replica state machine, the watchdog),
+which reports back (`loaded`, `load_failed`, `stopped`, `crashed`); the
+choices themselves are pure functions in policy.py.  docs/design.md
+describes the states and decisions.
 
 Vocabulary:
 - a *slot* is one loaded model (by configured name) with its runner options;
@@ -21,17 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from .config import CACHE_TYPE_IDS, Config, ModelConfig
-from .devices import ProcessMemory
+from .config import Config, ModelConfig
 from .durations import FOREVER, format_duration
 from . import policy
 from .events import EventLog
@@ -46,7 +43,7 @@ from .errors import (
 )
 from .logs import get_logger
 from .status import ModelStatus, ReplicaStatus, SchedulerStatus
-from .process import RunnerLoadError, RunnerProcess, RunnerSpec, describe_returncode
+from .pool import Replica, ReplicaState, RunnerPool, SpawnFn, runner_spec
 
 log = get_logger("hoshikage.scheduler")
 
@@ -179,70 +176,7 @@ class Planner(Protocol):
 
 
 # ------------------------------------------------------------------ runtime state
-
-_replica_ids = itertools.count(1)
-
-
-class ReplicaState(StrEnum):
-    """The lifecycle of one runner process (see TRANSITIONS and docs/design.md)."""
-
-    LOADING = "loading"  # spawned, loading its model
-    READY = "ready"  # serving; available when it holds no lease
-    STOPPING = "stopping"  # asked to stop (drained, or shutdown)
-    GONE = "gone"  # exited: stopped, failed to load or crashed
-
-
-# Every transition a replica may make; anything else is a bug.
-TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
-    ReplicaState.LOADING: frozenset({ReplicaState.READY, ReplicaState.STOPPING, ReplicaState.GONE}),
-    ReplicaState.READY: frozenset({ReplicaState.STOPPING, ReplicaState.GONE}),
-    ReplicaState.STOPPING: frozenset({ReplicaState.GONE}),
-    ReplicaState.GONE: frozenset(),
-}
-
-
-class Replica:
-    """One runner process of a slot; its `state` changes only through
-    `Scheduler._transition`, which checks TRANSITIONS and records the event."""
-
-    def __init__(self, slot: "Slot", plan: LoadPlan, process: RunnerProcess, index: int):
-        self.id = next(_replica_ids)
-        self.index = index
-        self.slot = slot
-        self.plan = plan
-        self.process = process
-        self.state = ReplicaState.LOADING
-        self.inflight = 0
-        self.served = 0
-        self.loaded_at: float | None = None
-        self.last_healthy = 0.0  # monotonic: the last /health answer (the watchdog's)
-        self.last_probe = 0.0  # monotonic: the last real generation probe (probe_interval)
-        self.killed_for: str | None = None  # why the supervisor killed it (watchdog, stall)
-        # A restart starts a new generation of replicas; the old one keeps
-        # serving until a new replica is ready, then retires (see Slot.current).
-        self.generation = slot.generation
-        self.measured: ProcessMemory | None = None  # what the process really uses, once up
-        self.measured_at = 0.0
-        self.task: asyncio.Task | None = None
-
-    @property
-    def available(self) -> bool:
-        return (self.state == ReplicaState.READY and self.inflight == 0 and not self.slot.draining
-                and not self.killed_for and not self.retiring)
-
-    @property
-    def retiring(self) -> bool:
-        """Of an older generation than its slot's, once the new one serves."""
-        return self.generation != self.slot.generation and self.slot.current_ready
-
-    def footprint_cpu(self) -> int:
-        return self.measured.rss if self.measured is not None else self.plan.cpu_bytes
-
-    def footprint_gpu(self) -> dict[int, int]:
-        if self.measured is not None and self.measured.gpu:
-            return {i: b for i, b in self.measured.gpu.items() if b > 0}
-        return self.plan.gpu_bytes
-
+# Replica, ReplicaState and TRANSITIONS live with the process machinery (pool.py).
 
 class Slot:
     """One loaded model.  `draining` means: take no new requests, stop once idle
@@ -335,9 +269,6 @@ class Pending:
     load_only: bool = False
 
 
-SpawnFn = Callable[[RunnerSpec, int], RunnerProcess]
-
-
 class Scheduler:
     def __init__(
         self,
@@ -354,16 +285,12 @@ class Scheduler:
         # The private directory runner sockets go in (hoshikage_sup.runtime);
         # a spawn function reads it here.  None: each runner makes its own.
         self.runtime_dir = runtime_dir
-        self._spawn = spawn or self._default_spawn
         self._timer = timer
         self._clock = clock
         self.slots: dict[str, Slot] = {}
         self.pending: list[Pending] = []
-        self._stopping: set[asyncio.Task] = set()
         self.events = EventLog()
-        self._recovering = 0
         self._closed = False
-        self._watchdog: asyncio.Task | None = None
         self._refusing = False  # a shutdown's drain: requests in flight finish, no new ones
         self._in_schedule = False
         self._again = False
@@ -375,6 +302,8 @@ class Scheduler:
         }
         self.leases: set[Lease] = set()  # every lease handed out and not yet released
         self.health: dict[str, ModelHealth] = {}  # failures in a row, per model, across its slots
+        # The process machinery: spawn, load, stop, the state machine, the watchdog.
+        self.pool = RunnerPool(self, events=self.events, counters=self.counters, spawn=spawn)
 
     # ------------------------------------------------------------ limits
 
@@ -482,7 +411,7 @@ class Scheduler:
                 for r in old:
                     r.generation = -1  # retires as soon as it is idle, whatever serves
                 break
-            self._launch(slot, plan, reason=reason)
+            self.pool.launch(slot, plan, reason=reason)
         self._retire_for_room(slot)
         self._schedule()
         return True
@@ -646,24 +575,16 @@ class Scheduler:
     async def close(self) -> None:
         """Refuse new work, fail what waits, stop every runner."""
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
         for p in self.pending:
             if not p.future.done():
                 p.future.set_exception(ShuttingDown("the server is shutting down"))
         self.pending.clear()
-        stops = []
+        replicas = []
         for slot in list(self.slots.values()):
             self._cancel_expiry(slot)
             slot.draining = slot.draining or "shutdown"
-            for r in slot.replicas:
-                if r.task and not r.task.done():
-                    r.task.cancel()
-                stops.append(self._stop_replica_now(r))
-        if stops:
-            await asyncio.gather(*stops, return_exceptions=True)
-        if self._stopping:
-            await asyncio.gather(*self._stopping, return_exceptions=True)
+            replicas += slot.replicas
+        await self.pool.close(replicas)
 
     # ------------------------------------------------------------ the scheduling pass
 
@@ -688,7 +609,7 @@ class Scheduler:
         # A load that needs memory or a model slot is decided in arrival order:
         # once one such load must wait for an eviction, later loads wait behind
         # it (no starvation), while requests for loaded models keep flowing.
-        loads_blocked = self._recovering > 0
+        loads_blocked = self.pool.recovering > 0
         for p in list(self.pending):
             if p.future.done():
                 continue
@@ -916,7 +837,7 @@ class Scheduler:
         slot = Slot(p.model, p.options, session)
         self.slots[p.model.name] = slot
         try:
-            self._launch(slot, plan, reason="request")
+            self.pool.launch(slot, plan, reason="request")
         except BaseException:
             if not slot.replicas and self.slots.get(slot.name) is slot:
                 del self.slots[slot.name]
@@ -931,47 +852,11 @@ class Scheduler:
             keep = self._live_replicas()
             plan = self.planner.plan(slot.model, slot.options, [])
             if self.planner.fits(plan, keep, []).ok:
-                self._launch(slot, plan, reason="parallel")
+                self.pool.launch(slot, plan, reason="parallel")
                 p.load_started = p.load_started or time.monotonic()
         except Exception:  # noqa: BLE001
             self.counters["scheduling_errors"] += 1
             log.exception("could not start another replica", model=slot.name)
-
-    def _launch(self, slot: Slot, plan: LoadPlan, *, reason: str) -> None:
-        index = max((r.index for r in slot.replicas), default=-1) + 1
-        spec = self._spec(slot.model, slot.options, plan)
-        process = self._spawn(spec, index)
-        replica = Replica(slot, plan, process, index)
-        process.on_exit = lambda proc, code, r=replica: self._on_exit(r, code)
-        slot.replicas.append(replica)
-        self.events.record(
-            "loading", slot.name, reason, replica=index, pid=process.pid, n_ctx=plan.n_ctx,
-            n_gpu_layers=plan.n_gpu_layers, estimate_cpu=plan.cpu_bytes, estimate_gpu=plan.gpu_bytes,
-        )
-        replica.task = asyncio.ensure_future(self._load(replica))
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.ensure_future(self._watch_health())
-
-    def _spec(self, m: ModelConfig, options: RunnerOptions, plan: LoadPlan) -> RunnerSpec:
-        """The one description of how a runner is started (process.RunnerSpec):
-        what the runner is sent, and what decides whether a running one is
-        still right for a config (`_still_right`)."""
-        threads = options.n_threads or (os.cpu_count() or 1)
-        return RunnerSpec(
-            model_name=m.name,
-            model_path=str(m.path),
-            n_ctx=plan.n_ctx,
-            n_threads=threads,
-            n_batch=options.n_batch,
-            n_gpu_layers=plan.n_gpu_layers,
-            tensor_split=plan.tensor_split,
-            flash_attn=plan.flash_attn,
-            type_k=CACHE_TYPE_IDS[plan.cache_type_k] if plan.cache_type_k != "f16" else None,
-            type_v=CACHE_TYPE_IDS[plan.cache_type_v] if plan.cache_type_v != "f16" else None,
-            chat_format=m.chat_format,
-            embedding=m.embedding,
-            pooling_type=plan.pooling_type,
-        )
 
     def _still_right(self, slot: Slot, model: ModelConfig) -> bool:
         """Would `slot`'s runners be started the same way under this config of
@@ -983,7 +868,7 @@ class Scheduler:
         live = [r for r in slot.live_replicas() if not r.retiring]
         if not live:
             return True
-        want = self._spec(model, options, self.planner.plan(model, options, live))
+        want = runner_spec(model, options, self.planner.plan(model, options, live))
         same_placement = model.n_gpu_layers == slot.model.n_gpu_layers
         for r in live:
             have = r.process.spec
@@ -993,71 +878,55 @@ class Scheduler:
                 return False
         return True
 
-    def _default_spawn(self, spec: RunnerSpec, index: int) -> RunnerProcess:
-        from .runnerlogs import runner_logs_of  # the model's output buffer, kept past the runner's exit
+    # ------------------------------------------------------------ what the pool reports
 
-        return RunnerProcess(
-            spec, replica=index, runtime_dir=self.runtime_dir,
-            log=get_logger("hoshikage.runner", model=spec.model_name, replica=index),
-            output=runner_logs_of(self).for_model(spec.model_name).append,
-        )
+    def changed(self) -> None:
+        self._schedule()
 
-    async def _load(self, r: Replica) -> None:
-        try:
-            await r.process.start(load_timeout=self.config.server.load_timeout)
-        except asyncio.CancelledError:
-            self._transition(r, ReplicaState.GONE, "load_cancelled", "shutdown")
-            raise
-        except RunnerLoadError as e:
-            self.counters["load_failures"] += 1
-            health = self._health_of(r.slot.name)
+    def loaded(self, r: Replica) -> None:
+        self._health_of(r.slot.name).load_failures = 0
+        self._schedule()
+
+    def load_failed(self, r: Replica, error: Exception, *, by_runner: bool) -> None:
+        """A runner did not come up: requests that asked for its options fail
+        (others stay queued); a model that keeps failing cools down."""
+        slot = r.slot
+        if by_runner:
+            health = self._health_of(slot.name)
             health.load_failures += 1
-            health.last_error = str(e)
-            self._transition(r, ReplicaState.GONE, "load_failed", "runner", code=e.returncode, error=str(e),
-                             failures_in_a_row=health.load_failures)
+            health.last_error = str(error)
             if policy.in_cooldown(health.load_failures):
                 delay = policy.restart_delay(health.load_failures)
                 health.retry_at = time.monotonic() + delay
-                self.events.record("cooldown", r.slot.name, "load failures", seconds=delay,
+                self.events.record("cooldown", slot.name, "load failures", seconds=delay,
                                    failures_in_a_row=health.load_failures)
-            slot = r.slot
+        if r in slot.replicas:
             slot.replicas.remove(r)
-            log.error("load failed", model=slot.name, replica=r.index, error=str(e))
-            if not slot.replicas and self.slots.get(slot.name) is slot:
-                del self.slots[slot.name]
-                self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
-            self._schedule()
-            return
-        except Exception as e:  # a bug or an OS error: never leave waiters hanging
-            log.exception("load crashed", model=r.slot.name)
-            self._transition(r, ReplicaState.GONE, "load_failed", "supervisor", error=f"{type(e).__name__}: {e}")
-            with contextlib.suppress(Exception):
-                await r.process.stop(grace=self.config.server.stop_timeout)
-            slot = r.slot
-            if r in slot.replicas:
-                slot.replicas.remove(r)
-            if not slot.replicas and self.slots.get(slot.name) is slot:
-                del self.slots[slot.name]
-            self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {e}"))
-            self._schedule()
-            return
-        if r.state != ReplicaState.LOADING:  # stopped while loading (shutdown)
-            return
-        r.last_healthy = time.monotonic()
-        self._transition(r, ReplicaState.READY, "ready", "loaded",
-                         load_seconds=round(r.process.load_duration or 0.0, 3))
-        self._health_of(r.slot.name).load_failures = 0
-        r.loaded_at = time.monotonic()
-        self.counters["loads"] += 1
-        with contextlib.suppress(Exception):
-            self.planner.measure(r)
-        log.info(
-            "loaded", model=r.slot.name, replica=r.index, pid=r.process.pid,
-            load_seconds=round(r.process.load_duration or 0.0, 3),
-            estimate_cpu=r.plan.cpu_bytes, measured_cpu=r.measured.rss if r.measured else None,
-            estimate_gpu=r.plan.gpu_bytes, measured_gpu=r.measured.gpu if r.measured else None,
-        )
+        if not slot.replicas and self.slots.get(slot.name) is slot:
+            del self.slots[slot.name]
+            if by_runner:
+                self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {error}"))
+        if not by_runner:  # a bug or an OS error: never leave waiters hanging
+            self._fail_options(slot.model, slot.options, ModelLoadError(f"model '{slot.name}' failed to load: {error}"))
         self._schedule()
+
+    def stopped(self, r: Replica) -> None:
+        self._remove_replica(r)
+        self._schedule()
+
+    def hold(self, r: Replica) -> Lease:
+        lease = Lease(replica=r, queued=0.0, load_duration=0.0, load_only=True)
+        r.inflight += 1
+        self.leases.add(lease)
+        return lease
+
+    def unhold(self, lease: Lease) -> None:
+        """Give back a probe's hold without touching the model's idle countdown
+        (a probe is not a request); a session that ended meanwhile ends now."""
+        slot = lease.replica.slot
+        self.release(lease)
+        if slot.armed and slot.timer is None and slot.expires_at is not None and slot.expires_at <= self._clock():
+            self._expire(slot)
 
     def _fail_options(self, model: ModelConfig, options: RunnerOptions, error: HoshikageError) -> None:
         """Fail the requests that asked for exactly these options; requests for
@@ -1070,14 +939,6 @@ class Scheduler:
 
     def _health_of(self, name: str) -> ModelHealth:
         return self.health.setdefault(name, ModelHealth())
-
-    def _transition(self, r: Replica, new: ReplicaState, kind: str, reason: str, **detail: Any) -> None:
-        """The one way a replica changes state: checked against TRANSITIONS,
-        logged and recorded as an event (`kind`, `reason`, `detail`)."""
-        if new not in TRANSITIONS[r.state]:
-            raise RuntimeError(f"replica {r.slot.name}#{r.index}: {r.state} → {new} is not a transition")
-        r.state = new
-        self.events.record(kind, r.slot.name, reason, replica=r.index, pid=r.process.pid, **detail)
 
     # ------------------------------------------------------------ expiry and stopping
 
@@ -1135,45 +996,7 @@ class Scheduler:
             del self.slots[slot.name]
 
     def _stop_replica(self, r: Replica) -> None:
-        self._transition(r, ReplicaState.STOPPING, "stopping", r.slot.draining or ("restart" if r.retiring else "stop"))
-        baseline = self.planner.gpu_free() if r.footprint_gpu() else {}
-        task = asyncio.ensure_future(self._stop_and_recover(r, baseline))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
-
-    async def _stop_replica_now(self, r: Replica) -> None:
-        if r.state in (ReplicaState.LOADING, ReplicaState.READY):
-            self._transition(r, ReplicaState.STOPPING, "stopping", "shutdown")
-        with contextlib.suppress(Exception):
-            await r.process.stop(grace=self.config.server.stop_timeout)
-        if r.state != ReplicaState.GONE:
-            self._transition(r, ReplicaState.GONE, "stopped", "shutdown", code=r.process.returncode)
-
-    async def _stop_and_recover(self, r: Replica, baseline: dict[int, int]) -> None:
-        slot = r.slot
-        log.info("stopping", model=slot.name, replica=r.index, reason=slot.draining)
-        gpu = bool(r.footprint_gpu())
-        if gpu:
-            self._recovering += 1
-        try:
-            with contextlib.suppress(Exception):
-                await r.process.stop(grace=self.config.server.stop_timeout)
-            if r.state != ReplicaState.GONE:
-                self._transition(r, ReplicaState.GONE, "stopped", slot.draining or ("restart" if r.retiring else "stop"),
-                                 code=r.process.returncode)
-            self._remove_replica(r)
-            self._schedule()
-            if gpu:
-                ok = await self.planner.wait_for_recovery(r, baseline)
-                if not ok:
-                    log.warning(
-                        "memory did not come back in time", model=slot.name,
-                        timeout=self.config.memory.recovery_timeout, expected=r.footprint_gpu(),
-                    )
-        finally:
-            if gpu:
-                self._recovering -= 1
-            self._schedule()
+        self.pool.stop(r, r.slot.draining or ("restart" if r.retiring else "stop"))
 
     def _remove_replica(self, r: Replica) -> None:
         slot = r.slot
@@ -1183,81 +1006,18 @@ class Scheduler:
             self._cancel_expiry(slot)
             del self.slots[slot.name]
 
-    # ------------------------------------------------------------ watchdog
-
-    async def _watch_health(self) -> None:
-        """Probe every ready runner's lock-free /health every health_interval; one
-        that has not answered for health_timeout (stopped, wedged, deadlocked)
-        is killed, and the crash path replaces it.  Runs while runners exist."""
-        while not self._closed:
-            ready = [r for s in self.slots.values() for r in s.replicas if r.state == ReplicaState.READY]
-            if not ready and not any(s.replicas for s in self.slots.values()):
-                self._watchdog = None
-                return
-            server = self.config.server
-            probe_timeout = max(0.1, min(server.health_interval, server.health_timeout) * 0.8)
-            answers = await asyncio.gather(*(r.process.health(timeout=probe_timeout) for r in ready),
-                                           return_exceptions=True)
-            now = time.monotonic()
-            for r, ok in zip(ready, answers):
-                if ok is True:
-                    r.last_healthy = now
-                elif r.state == ReplicaState.READY and now - r.last_healthy >= server.health_timeout:
-                    self.kill_wedged(r, f"watchdog: no health answer for {now - r.last_healthy:.1f} s")
-            if server.probe_interval > 0:
-                due = [r for r in ready if r.available and now - max(r.last_probe, r.loaded_at or 0) >= server.probe_interval]
-                if due:
-                    await asyncio.gather(*(self._probe(r) for r in due), return_exceptions=True)
-            await asyncio.sleep(server.health_interval)
-
-    async def _probe(self, r: Replica) -> None:
-        """A real 1-token generation on an idle runner, holding it as a lease so
-        no request is handed to it meanwhile; no answer within health_timeout
-        and the runner is replaced.  The model's idle countdown is not reset."""
-        slot = r.slot
-        lease = Lease(replica=r, queued=0.0, load_duration=0.0, load_only=True)
-        r.inflight += 1
-        self.leases.add(lease)
-        r.last_probe = time.monotonic()
-        timeout = self.config.server.health_timeout
-        try:
-            ok = await r.process.probe(timeout)
-        finally:
-            self.release(lease)
-            if slot.armed and slot.timer is None and slot.expires_at is not None and slot.expires_at <= self._clock():
-                self._expire(slot)  # its session ended during the probe
-        if not ok and r.state == ReplicaState.READY:
-            self.kill_wedged(r, f"probe: no 1-token generation within {timeout:g} s")
-
-    def kill_wedged(self, r: Replica, why: str) -> None:
-        """Kill a runner that is alive but no longer works (it answers no health
-        probe, or a stream of its stalled); its exit is a crash, so it is
-        replaced and waiting requests go to the replacement."""
-        if r.state != ReplicaState.READY or r.killed_for:
-            return
-        r.killed_for = why
-        self.events.record("killing", r.slot.name, why, replica=r.index, pid=r.process.pid, inflight=r.inflight)
-        r.process.kill()
-
     # ------------------------------------------------------------ crashes
 
-    def _on_exit(self, r: Replica, code: int) -> None:
-        """A runner process ended.  Expected when stopping; otherwise a crash:
-        in-flight requests on it fail (the gateway retries those that had not
-        started), the replica is replaced at once while the model's session
-        lasts, and waiting requests are served by the replacement."""
-        if r.state in (ReplicaState.STOPPING, ReplicaState.GONE) or self._closed:
-            return
-        if r.state == ReplicaState.LOADING:
-            return  # start() raises RunnerLoadError; _load handles it
+    def crashed(self, r: Replica, code: int) -> None:
+        """A runner exited while ready (a crash, or a watchdog or stall kill):
+        its in-flight request fails (the gateway retries those that had not
+        started), the replica is replaced while the model's session lasts,
+        and waiting requests are served by the replacement."""
         slot = r.slot
-        self.counters["crashes"] += 1
         now = time.monotonic()
         health = self._health_of(slot.name)
         health.crashes = policy.failures_after(health.crashes, now - r.loaded_at if r.loaded_at else None)
         health.last_error = r.process.error_summary()
-        self._transition(r, ReplicaState.GONE, "crashed", r.killed_for or describe_returncode(code), code=code,
-                         inflight=r.inflight, crashes_in_a_row=health.crashes, last_lines=health.last_error)
         if slot.armed and slot.expires_at is not None:
             slot.resume_at = slot.expires_at  # the replacement keeps what was left of the session
         self._remove_replica(r)
@@ -1301,7 +1061,7 @@ class Scheduler:
                 plan = self.planner.plan(slot.model, slot.options, [])
                 if self.planner.fits(plan, keep, []).ok:
                     self.counters["restarts"] += 1
-                    self._launch(slot, plan, reason="crash")
+                    self.pool.launch(slot, plan, reason="crash")
         except Exception:  # noqa: BLE001 - the next request loads it again
             self.counters["scheduling_errors"] += 1
             log.exception("restart after crash failed", model=slot.name)

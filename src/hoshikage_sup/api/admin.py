@@ -43,6 +43,7 @@ from ..errors import BadRequest, HoshikageError, ModelNotFound
 from ..httpguard import parse_json_object, read_body
 from ..runnerlogs import runner_logs_of
 from ..scheduler import Scheduler
+from ..status import ModelStatus
 from .common import ctx, keep_alive_of
 
 NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
