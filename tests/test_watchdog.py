@@ -107,3 +107,18 @@ async def test_a_runner_that_answers_health_but_never_generates_is_found_by_the_
     assert ("killing", "probe") in [(e.kind, e.reason.split(":")[0]) for e in sched.events.recent(model="m")]
     assert sched.counters["requests"] == 1  # probes are not requests
     assert sched.invariants() == []
+
+
+async def test_request_timeout_is_not_taken_for_a_stall(make_server, http):
+    h = await make_server({"m": {}}, server={"request_timeout": "1s", "stall_timeout": "30s"})
+    sched = h.scheduler
+    assert (await post_json(http, h.url + "/v1/chat/completions", chat("m")))[0] == 200
+    pid = sched.slots["m"].replicas[0].process.pid
+    async with http.post(h.url + "/v1/chat/completions",
+                         json=chat("m", stream=True, fake={"tokens": 20, "delay": 0.2})) as r:
+        events = await asyncio.wait_for(read_stream(r), DEADLINE)
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "timeout" and "request_timeout" in err["message"], err
+    await asyncio.sleep(0.3)
+    assert sched.slots["m"].replicas[0].process.pid == pid  # a slow answer is not a wedged runner
+    assert not [e for e in sched.events.recent() if e.kind == "killing"]

@@ -87,27 +87,33 @@ class Upstream:
     async def iter_raw(self) -> AsyncIterator[bytes]:
         """Bytes exactly as the runner sends them, as soon as they arrive.  A
         runner that sends nothing for stall_timeout is wedged: the request
-        fails with a 504 and the runner is replaced."""
+        fails with a 504 and the runner is replaced.  One timer, pushed back
+        by each chunk, watches for that (no task per chunk on the hot path)."""
         content = self.response.content
         loop = asyncio.get_running_loop()
-        while True:
-            waited = loop.time()
-            try:
-                chunk = await asyncio.wait_for(content.readany(), self.stall_timeout)
-            except aiohttp.ClientError as e:
-                raise await self._failure_seen(e) from e
-            except asyncio.TimeoutError as e:
-                if self.stall_timeout is None or loop.time() - waited < 0.99 * self.stall_timeout:
-                    raise self._failure(e) from e  # the overall request_timeout, not a stall
-                why = f"stall: sent nothing for {self.stall_timeout:g} s (stall_timeout)"
-                if self.on_stall is not None:
-                    self.on_stall(self.lease.replica, why)
-                raise UpstreamTimeout(
-                    f"runner for model '{self.model.name}' {why[len('stall: '):]}; it is being replaced"
-                ) from None
-            if not chunk:
-                return
-            yield chunk
+        try:
+            async with asyncio.timeout(None) as deadline:
+                while True:
+                    if self.stall_timeout is not None:
+                        deadline.reschedule(loop.time() + self.stall_timeout)
+                    chunk = await content.readany()
+                    if not chunk:
+                        return
+                    # Off while the caller has the chunk: only the runner's silence
+                    # counts, not a client that is slow to take what we send.
+                    deadline.reschedule(None)
+                    yield chunk
+        except aiohttp.ClientError as e:
+            raise await self._failure_seen(e) from e
+        except TimeoutError as e:
+            if self.stall_timeout is None or not deadline.expired():
+                raise self._failure(e) from e  # the overall request_timeout, not a stall
+            why = f"stall: sent nothing for {self.stall_timeout:g} s (stall_timeout)"
+            if self.on_stall is not None:
+                self.on_stall(self.lease.replica, why)
+            raise UpstreamTimeout(
+                f"runner for model '{self.model.name}' {why[len('stall: '):]}; it is being replaced"
+            ) from None
 
     async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed server-sent events (`data: {...}`), ending at `[DONE]`."""
