@@ -620,6 +620,9 @@ class Scheduler:
                     loads_blocked = True
             except Exception as e:  # noqa: BLE001 - a bug or an absurd input: isolate it
                 self._fail_pending(p, e)
+        # Granted requests leave the queue here, all at once: removing each from
+        # the list as it is granted would make a pass quadratic in the queue.
+        self.pending = [p for p in self.pending if not p.future.done()]
         # Idle countdowns start here, for every slot at once: a slot is idle
         # when it is ready, holds no lease and no request waits for it (a
         # queued request is handed the runner in this same pass, so keep_alive
@@ -706,7 +709,7 @@ class Scheduler:
         return policy.pick_replica([(r, _load_of(r)) for r in slot.replicas])
 
     def _grant(self, p: Pending, r: Replica | None) -> None:
-        self.pending.remove(p)
+        """Hand `p` a lease; it leaves the queue at the end of the pass."""
         now = time.monotonic()
         load = (now - p.load_started) if p.load_started is not None else 0.0
         if r is None:  # load-only request: no replica is held
