@@ -41,12 +41,15 @@ async def _proxy(request: web.Request, kind: str) -> web.StreamResponse:
         body.pop("truncate", None)
     gateway = ctx(request).gateway
     model = gateway.resolve(name)
+    # The vocabulary bounds token ids (logit_bias, <[id]> in a grammar); only
+    # those requests pay for looking it up.
+    vocab = vocab_size(model) if "logit_bias" in body or "grammar" in body else None
     if "grammar" in body or "response_format" in body:
         # Checking a grammar (or building one from a schema) can take a good
         # fraction of a second for a hostile one: not on the event loop.
-        body = await asyncio.to_thread(validation.openai_body, kind, body, model, vocab_size(model))
+        body = await asyncio.to_thread(validation.openai_body, kind, body, model, vocab)
     else:
-        body = validation.openai_body(kind, body, model, vocab_size(model))
+        body = validation.openai_body(kind, body, model, vocab)
     stream = validation.flag(body, "stream")
     req = InferenceRequest(model=name, kind=kind, body=body, keep_alive=keep_alive, truncate=truncate)
     async with gateway.open(req) as up:
