@@ -360,9 +360,7 @@ def _parse_model(c: _Collector, name: str, t: Any, base_dir: Path) -> ModelConfi
         if not isinstance(raw, str) or not raw:
             c.add(f"{key}.path", f"expected the path of a GGUF model file as a string, got {raw!r}")
         else:
-            path = Path(os.path.expandvars(os.path.expanduser(raw)))
-            if not path.is_absolute():
-                path = (base_dir / path).resolve()
+            path = _path(base_dir)(raw)
             if not path.exists():
                 c.add(f"{key}.path", f"model file {str(path)!r} does not exist (expected a readable GGUF file)")
             elif not path.is_file():

@@ -561,6 +561,23 @@ class Scheduler:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
         return True
 
+    async def wait_unloaded(self, names: list[str], timeout: float) -> None:
+        """After an unload: until each model's runners are gone, or it is busy
+        (it stops when its requests end), or it was loaded again by runners that
+        were not there before."""
+        status = self.status(measure=False)
+        before = {name: set(m.pids) for name in names if (m := status.model(name)) is not None}
+
+        def settled() -> bool:
+            now = self.status(measure=False)
+            for name, pids in before.items():
+                m = now.model(name)
+                if m is not None and m.refcount == 0 and set(m.pids) & pids:
+                    return False
+            return True
+
+        await self.wait_until(settled, timeout)
+
     async def wait_idle(self, timeout: float) -> None:
         """For tests and shutdown: wait until no request is pending or in flight."""
         idle = lambda: not self.pending and not any(s.refcount for s in self.slots.values())  # noqa: E731

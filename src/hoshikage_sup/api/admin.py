@@ -361,26 +361,10 @@ async def reload(request: web.Request) -> web.Response:
     return _json(result)
 
 
-async def _wait_stopped(scheduler: Scheduler, names: list[str], timeout: float) -> None:
-    """Until each model's runners are gone, or it is busy (it stops when its requests end)."""
-    status = scheduler.status(measure=False)
-    before = {name: set(m.pids) for name in names if (m := status.model(name)) is not None}
-
-    def settled() -> bool:  # gone, busy, or loaded again (by runners that were not there before)
-        now = scheduler.status(measure=False)
-        for name, pids in before.items():
-            m = now.model(name)
-            if m is not None and m.refcount == 0 and set(m.pids) & pids:
-                return False
-        return True
-
-    await scheduler.wait_until(settled, timeout)
-
-
 async def unload(request: web.Request) -> web.Response:
     c = ctx(request)
     model = c.gateway.unload(request.match_info["name"])
-    await _wait_stopped(c.scheduler, [model.name], c.config.server.stop_timeout + 1.0)
+    await c.scheduler.wait_unloaded([model.name], c.config.server.stop_timeout + 1.0)
     return _json({"model": _one(request, model)})
 
 
@@ -389,7 +373,7 @@ async def unload_all(request: web.Request) -> web.Response:
     names = [m.name for m in c.scheduler.status(measure=False).models]
     for name in names:
         c.scheduler.unload(name)
-    await _wait_stopped(c.scheduler, names, c.config.server.stop_timeout + 1.0)
+    await c.scheduler.wait_unloaded(names, c.config.server.stop_timeout + 1.0)
     loaded = _loaded(c.scheduler)
     queued = _queued(c.scheduler)
     out = []

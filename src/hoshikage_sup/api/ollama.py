@@ -46,7 +46,6 @@ from .. import __version__
 from ..durations import format_duration
 from ..errors import BadRequest, HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest
-from ..scheduler import Scheduler
 from ..status import ReplicaStatus
 from . import ollama_shapes as shapes
 from .common import ctx, keep_alive_of, read_json
@@ -106,7 +105,7 @@ class _Call:
         c = ctx(self.request)
         if self.keep_alive == 0:
             model = self.gateway.unload(self.name)
-            await _wait_unloaded(c.scheduler, model.name, c.config.server.stop_timeout + 1.0)
+            await c.scheduler.wait_unloaded([model.name], c.config.server.stop_timeout + 1.0)
             reason, extra = "unload", {}
         else:
             lease = await self.gateway.load(self.name, self.keep_alive, self.runner_options or None)
@@ -288,17 +287,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
         upstream["response_format"] = call.fmt
     upstream.update(call.sampling)
     return await call.run("chat", upstream)
-
-
-async def _wait_unloaded(scheduler: Scheduler, name: str, timeout: float) -> None:
-    """Let an unload finish (an idle runner stops within stop_timeout) so a
-    client that asks /api/ps right after sees it gone; a busy one is not waited for."""
-
-    def gone_or_busy() -> bool:
-        m = scheduler.model_status(name)
-        return m is None or m.refcount > 0
-
-    await scheduler.wait_until(gone_or_busy, timeout)
 
 
 # ------------------------------------------------------------------ embeddings
