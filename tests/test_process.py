@@ -25,6 +25,7 @@ from hoshikage_sup.process import (
     RunnerSpec,
     describe_returncode,
 )
+from hoshikage_sup.threads import usable_cpus
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama_cpp is not installed")
@@ -93,10 +94,13 @@ async def wait_gone(pid: int, timeout: float) -> bool:
 
 def test_settings_line_carries_spec_fd_and_secret() -> None:
     spec = fake_spec(n_threads=0, tensor_split=(0.5, 0.5), type_k=8, type_v=8, flash_attn=True)
-    settings = spec.settings(7, "s" * 43)
+    settings = spec.settings(7, "s" * 43, "/run/x/thread-budget")
     assert settings["fd"] == 7 and settings["secret"] == "s" * 43
     assert settings["model_alias"] == "fake" and settings["model"] == "/models/fake.gguf"
-    assert settings["n_threads"] == -1 and settings["n_threads_batch"] == -1  # 0 = all CPUs
+    # 0 = a fair share: start with every usable core, then follow the budget file
+    assert settings["n_threads"] == settings["n_threads_batch"] == usable_cpus()
+    assert settings["thread_budget"] == "/run/x/thread-budget"
+    assert fake_spec(n_threads=3).settings(7, "s", "/run/x/thread-budget")["thread_budget"] is None
     assert settings["tensor_split"] == [0.5, 0.5]
     assert (settings["type_k"], settings["type_v"], settings["flash_attn"]) == (8, 8, True)
     json.dumps(settings)  # must be one JSON line

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import ValidationError
 
-from hoshikage_runner import guards
+from hoshikage_runner import guards, threads
 from hoshikage_runner.lifeline import fail
 
 # Seconds uvicorn waits for open requests after SIGTERM before it cancels them.
@@ -75,7 +75,7 @@ def _one_line(error: ValidationError) -> str:
 
 
 # Keys of the settings line that are ours, not llama_cpp.server ModelSettings fields.
-OWN_KEYS = ("fd", "secret", "pooling_type")
+OWN_KEYS = ("fd", "secret", "pooling_type", "thread_budget")
 
 
 def model_settings(settings: dict[str, Any]) -> ModelSettings:
@@ -243,6 +243,7 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
     _scrub_settings_environment()
     model = model_settings(settings)
     use_pooling(settings.get("pooling_type"))
+    threads.install(settings.get("thread_budget"))  # n_threads 0: follow the supervisor's fair share
     classify_request_errors()
     try:
         app = llama_app.create_app(server_settings=server_settings(), model_settings=[model])

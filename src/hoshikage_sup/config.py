@@ -63,6 +63,8 @@ class ServerConfig:
     # 0 = off; else an idle runner is asked for a real 1-token generation this
     # often (a runner can answer /health and never generate).
     probe_interval: float = 0.0
+    # Warm spare runner processes kept ready (imports done, no model yet); 0 = none.
+    runner_pool: int = 1
     log_level: str = "info"
     # Where runners' Unix sockets live (a private 0700 directory is made in it);
     # None: $XDG_RUNTIME_DIR, else the system's temporary directory.
@@ -95,7 +97,7 @@ class ModelConfig:
     path: Path
     aliases: tuple[str, ...] = ()
     n_ctx: int = 2048
-    n_threads: int = 0  # 0 = all cores
+    n_threads: int = 0  # 0 = a fair share of the cores among runners generating at once
     n_batch: int = 512
     n_gpu_layers: int | str = "auto"  # "auto" or an explicit count (-1 = all)
     flash_attn: bool | str = "auto"
@@ -282,7 +284,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
     "stop_timeout", "shutdown_timeout", "request_timeout", "health_interval", "health_timeout", "stall_timeout",
-    "probe_interval",
+    "probe_interval", "runner_pool",
     "log_level", "runtime_dir", "api_keys", "api_keys_file",
     "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
     "max_connections", "max_body_size",
@@ -317,6 +319,7 @@ def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> Server
         health_timeout=_take(c, "server.health_timeout", t, "health_timeout", _positive_timeout, d.health_timeout),
         stall_timeout=_take(c, "server.stall_timeout", t, "stall_timeout", _positive_timeout, d.stall_timeout),
         probe_interval=_take(c, "server.probe_interval", t, "probe_interval", _timeout, d.probe_interval),
+        runner_pool=_take(c, "server.runner_pool", t, "runner_pool", _int(0, 64), d.runner_pool),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
         runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .config import Config, ModelConfig
 from .devices import DeviceSource, GpuInfo
@@ -34,6 +34,9 @@ class MemoryPlanner:
         self.config = config
         self.devices = devices
         self._warned: set[str] = set()
+        # Memory of processes that are no model's runner yet (the warm spares);
+        # the runner pool sets it.  System RAM already shows them as used.
+        self.spare_bytes: Callable[[], int] = lambda: 0
 
     # ------------------------------------------------------------ facts
 
@@ -155,10 +158,12 @@ class MemoryPlanner:
         before = usage(kept)
         after = usage(kept + [self._candidate(plan)])
         added_cpu = after.cpu_bytes - before.cpu_bytes
-        if mem.limit and after.cpu_bytes > mem.limit:
+        spares = self.spare_bytes() if mem.limit else 0
+        if mem.limit and after.cpu_bytes + spares > mem.limit:
+            left = max(0, mem.limit - before.cpu_bytes - spares)
             return Fit(
-                False, needed=added_cpu, available=max(0, mem.limit - before.cpu_bytes),
-                reason=f"needs {format_size(added_cpu)} more, the memory limit leaves {format_size(max(0, mem.limit - before.cpu_bytes))}",
+                False, needed=added_cpu, available=left,
+                reason=f"needs {format_size(added_cpu)} more, the memory limit leaves {format_size(left)}",
             )
         # What stopping the released replicas gives back (weights they share
         # with a kept replica stay in memory).

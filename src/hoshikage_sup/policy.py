@@ -8,7 +8,9 @@ milliseconds without a process or an event loop:
 - `pick_replica`: which free runner of a model serves the next request;
 - `wants_another_replica`: whether a model should start one more runner;
 - `restart_delay`: how long to wait before replacing a runner that crashed,
-  and `in_cooldown`: whether a model that keeps failing to load rests.
+  and `in_cooldown`: whether a model that keeps failing to load rests;
+- `fair_share`: how many threads each CPU runner generating right now gets;
+- `wants_spare`: whether to keep a warm spare runner process ready.
 """
 
 from __future__ import annotations
@@ -94,3 +96,17 @@ def failures_after(previous: int, healthy_for: float | None) -> int:
 
 def in_cooldown(consecutive_load_failures: int) -> bool:
     return consecutive_load_failures >= COOLDOWN_AFTER
+
+
+def fair_share(cpus: int, busy: int) -> int:
+    """Threads for each of `busy` CPU runners generating at once on `cpus`
+    cores: all of them for one alone, an equal part each otherwise, never
+    fewer than one (oversubscribing beats starving a runner)."""
+    return max(1, cpus // max(1, busy))
+
+
+def wants_spare(pool_size: int, spares: int, starting: bool, loads_in_progress: int, closed: bool) -> bool:
+    """Start a spare runner process when fewer than `pool_size` wait, none is
+    starting, and no model is loading right now: a spare's imports (a third
+    of a second of CPU) would slow the load someone is waiting for."""
+    return not closed and not starting and loads_in_progress == 0 and spares < pool_size

@@ -13,6 +13,21 @@ it reports back to its owner (`PoolOwner`), which decides what follows.
                                               │  load failed ─► owner.load_failed
     owner.stop decision ──► pool.stop ──► STOPPING ─► GONE ─► owner.stopped
     exit nobody asked for (crash, watchdog or stall kill) ─► GONE ─► owner.crashed
+
+Two things make runners cheaper to have:
+
+* **A warm spare** (``runner_pool`` in ``[server]``, 1 by default, 0 = off):
+  a runner process that has already imported llama_cpp and its server stack
+  and waits to be told what to load.  `launch` hands it the spec instead of
+  spawning a new process, which takes the ~0.3 s of imports off a cold
+  request; a new spare starts once no model is loading (its imports would
+  compete for the CPU with the load someone waits for).  A spare that dies
+  is replaced after the crash backoff.  Its memory is measured and counted
+  (`spare_bytes`).
+* **The thread budget** (`threads.ThreadBudget`): a replica whose model has
+  ``n_threads = 0`` runs with its fair share of the cores, re-read before
+  every decode step; each replica's first request in flight and last one
+  done move the count of busy CPU runners (`Replica.inflight`).
 """
 
 from __future__ import annotations
@@ -20,17 +35,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import time
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+import psutil
+
+from . import policy
 from .config import CACHE_TYPE_IDS, Config, ModelConfig
 from .devices import ProcessMemory
 from .events import EventLog
 from .logs import get_logger
 from .process import RunnerLoadError, RunnerProcess, RunnerSpec, describe_returncode
+from .threads import ThreadBudget
 
 if TYPE_CHECKING:  # the scheduler's types; it imports this module
     from .scheduler import Lease, LoadPlan, Planner, RunnerOptions, Slot
@@ -38,6 +56,7 @@ if TYPE_CHECKING:  # the scheduler's types; it imports this module
 log = get_logger("hoshikage.pool")
 
 SpawnFn = Callable[[RunnerSpec, int], RunnerProcess]
+SpareFn = Callable[[], RunnerProcess]  # an unassigned RunnerProcess(None, ...) to `spawn()` as a spare
 
 _replica_ids = itertools.count(1)
 
@@ -71,7 +90,8 @@ class Replica:
         self.plan = plan
         self.process = process
         self.state = ReplicaState.LOADING
-        self.inflight = 0
+        self._inflight = 0
+        self.budget: ThreadBudget | None = None  # told when this replica turns busy or idle (CPU runners)
         self.served = 0
         self.loaded_at: float | None = None
         self.last_healthy = 0.0  # monotonic: the last /health answer (the watchdog's)
@@ -83,6 +103,20 @@ class Replica:
         self.measured: ProcessMemory | None = None  # what the process really uses, once up
         self.measured_at = 0.0
         self.task: asyncio.Task | None = None
+
+    @property
+    def inflight(self) -> int:
+        """Leases out on this replica (requests in flight, probes, load-only holds)."""
+        return self._inflight
+
+    @inflight.setter
+    def inflight(self, value: int) -> None:
+        before, self._inflight = self._inflight, value
+        if self.budget is not None and (before > 0) != (value > 0):
+            if value > 0:
+                self.budget.started()
+            else:
+                self.budget.finished()
 
     @property
     def available(self) -> bool:
@@ -131,12 +165,11 @@ def runner_spec(m: ModelConfig, options: "RunnerOptions", plan: "LoadPlan") -> R
     """The one description of how a runner is started (process.RunnerSpec):
     what the runner is sent, and what decides whether a running one is still
     right for a config (Scheduler._still_right)."""
-    threads = options.n_threads or (os.cpu_count() or 1)
     return RunnerSpec(
         model_name=m.name,
         model_path=str(m.path),
         n_ctx=plan.n_ctx,
-        n_threads=threads,
+        n_threads=options.n_threads,  # 0: a fair share (threads.py)
         n_batch=options.n_batch,
         n_gpu_layers=plan.n_gpu_layers,
         tensor_split=plan.tensor_split,
@@ -157,6 +190,13 @@ class RunnerPool:
         self.events = events
         self.counters = counters
         self._spawn = spawn or self._default_spawn
+        # Spares come from the default spawn, or from a custom spawn's `spare` method.
+        self._make_spare: SpareFn | None = self._default_spare if spawn is None else getattr(spawn, "spare", None)
+        self.spares: list[RunnerProcess] = []  # spawned, imported, waiting for a model
+        self._spare_task: asyncio.Task | None = None
+        self._spare_failures = 0  # spares that died in a row
+        self.budget = ThreadBudget(owner.runtime_dir)
+        owner.planner.spare_bytes = self.spare_bytes
         self.replicas: set[Replica] = set()  # every replica not yet gone
         self.recovering = 0  # stops whose GPU memory is still coming back
         self.closed = False
@@ -183,8 +223,13 @@ class RunnerPool:
 
     def launch(self, slot: "Slot", plan: "LoadPlan", *, reason: str) -> Replica:
         index = max((r.index for r in slot.replicas), default=-1) + 1
-        process = self._spawn(runner_spec(slot.model, slot.options, plan), index)
+        spec = runner_spec(slot.model, slot.options, plan)
+        process = self._take_spare(spec, index) or self._spawn(spec, index)
+        if spec.n_threads <= 0 and self.budget.path is not None:
+            process.thread_budget = str(self.budget.path)
         replica = Replica(slot, plan, process, index)
+        if not plan.gpu_bytes:  # a CPU runner: it competes for the cores
+            replica.budget = self.budget
         process.on_exit = lambda proc, code, r=replica: self._on_exit(r, code)
         slot.replicas.append(replica)
         self.replicas.add(replica)
@@ -206,7 +251,96 @@ class RunnerPool:
             output=runner_logs_of(self.owner).for_model(spec.model_name).append,
         )
 
+    # ------------------------------------------------------------ the warm spare
+
+    def _default_spare(self) -> RunnerProcess:
+        return RunnerProcess(None, runtime_dir=self.owner.runtime_dir,
+                             log=get_logger("hoshikage.runner", model="(spare)"))
+
+    def start(self) -> None:
+        """Start-up: make the first spare (when `runner_pool` asks for one)."""
+        self.ensure_spare()
+
+    def ensure_spare(self, delay: float = 0.0) -> None:
+        """Start a spare in the background if `policy.wants_spare` says so."""
+        if self._make_spare is None:
+            return
+        loading = sum(1 for r in self.replicas if r.state == ReplicaState.LOADING)
+        starting = self._spare_task is not None and not self._spare_task.done()
+        if policy.wants_spare(self.config.server.runner_pool, len(self.spares), starting, loading, self.closed):
+            self._spare_task = asyncio.ensure_future(self._start_spare(delay))
+
+    async def _start_spare(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self.closed:
+            return
+        assert self._make_spare is not None
+        process = self._make_spare()
+        process.on_exit = self._spare_exited
+        try:
+            await process.spawn()
+        except asyncio.CancelledError:  # shutdown while it was being spawned
+            await process.stop(grace=self.config.server.stop_timeout)
+            raise
+        except Exception as e:  # noqa: BLE001 - no spare is a slower start, not an outage
+            log.warning("cannot start a spare runner", error=str(e))
+            self._spare_failures += 1
+            return
+        if self.closed:
+            await process.stop(grace=self.config.server.stop_timeout)
+            return
+        self.spares.append(process)
+        self.events.record("spare", "", "ready", pid=process.pid)
+
+    def _spare_exited(self, process: RunnerProcess, code: int) -> None:
+        """A spare died while waiting (nobody stopped it): replace it after the crash backoff."""
+        if process in self.spares:
+            self.spares.remove(process)
+        if process.stop_requested or self.closed:
+            return
+        self._spare_failures += 1
+        delay = policy.restart_delay(self._spare_failures)
+        self.events.record("spare", "", "exited", pid=process.pid, code=code, error=process.error_summary())
+        log.warning("spare runner exited", pid=process.pid, how=describe_returncode(code), retry_in=delay)
+        self._spare_task = None
+        self.ensure_spare(delay)
+
+    def _take_spare(self, spec: RunnerSpec, index: int) -> RunnerProcess | None:
+        """A waiting spare, assigned to this spec; None when there is none."""
+        from .runnerlogs import runner_logs_of  # the model's output buffer, kept past the runner's exit
+
+        while self.spares:
+            process = self.spares.pop(0)
+            if process.state != "spare":
+                continue
+            process.assign(
+                spec, replica=index, log=get_logger("hoshikage.runner", model=spec.model_name, replica=index),
+                output=runner_logs_of(self.owner).for_model(spec.model_name).append,
+            )
+            self._spare_failures = 0
+            self.counters["spares_used"] = self.counters.get("spares_used", 0) + 1
+            return process
+        return None
+
+    def spare_bytes(self) -> int:
+        """RAM the waiting spares use (resident set, measured; a spare has no GPU memory)."""
+        total = 0
+        for process in self.spares:
+            if process.pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    total += psutil.Process(process.pid).memory_info().rss
+        return total
+
+    # ------------------------------------------------------------ loading
+
     async def _load(self, r: Replica) -> None:
+        try:
+            await self._start(r)
+        finally:
+            self.ensure_spare()  # the load is over: the CPU is free for a new spare's imports
+
+    async def _start(self, r: Replica) -> None:
         try:
             await r.process.start(load_timeout=self.config.server.load_timeout)
         except asyncio.CancelledError:
@@ -290,11 +424,18 @@ class RunnerPool:
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._spare_task
         stops = [self.stop_now(r) for r in replicas]
+        stops += [p.stop(grace=self.config.server.stop_timeout) for p in self.spares]
+        self.spares.clear()
         if stops:
             await asyncio.gather(*stops, return_exceptions=True)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
+        self.budget.close()
 
     # ------------------------------------------------------------ exits nobody asked for
 

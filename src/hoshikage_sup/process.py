@@ -31,8 +31,15 @@ believe a busy runner is idle.  So a runner has no TCP port:
 Lifecycle (``state``)::
 
     new --start()--> starting --/health ok--> ready --stop()--> stopping --> exited
-                        |                       |                              ^
-                        +-- load error/timeout/cancel, crash, stop() ----------+
+     |                  ^   |                   |                              ^
+     |                  |   +-- load error/timeout/cancel, crash, stop() ------+
+     +--spawn()--> spare -- assign(spec), start() ---------------------------->+ (or exits)
+
+A *spare* is a child spawned before anyone knows which model it will serve
+(``RunnerProcess(None)``, then `spawn`): it pays for its imports (about 0.3 s
+for llama_cpp, FastAPI and uvicorn) and then waits for its settings line.
+`assign` gives it a spec; `start` then only sends the settings and waits
+for readiness, and ``load_duration`` counts from that moment.
 
 ``on_exit(runner, returncode)`` semantics: it is called exactly once for
 every child that was actually spawned, from a task on the event loop, after
@@ -116,7 +123,7 @@ CHATTER_LINE = re.compile(
     r"|graphs reused ="
 )
 
-STATES = ("new", "starting", "ready", "stopping", "exited")
+STATES = ("new", "spare", "starting", "ready", "stopping", "exited")
 OnExit = Callable[["RunnerProcess", int], None]
 # Where each output line goes besides the log: output(replica, pid, text, looks_like_error).
 OutputSink = Callable[[int, int | None, str, bool], Any]
@@ -132,7 +139,7 @@ class RunnerSpec:
     model_name: str
     model_path: str
     n_ctx: int
-    n_threads: int  # <= 0: all CPUs (llama_cpp.server's -1)
+    n_threads: int  # <= 0: a fair share of the cores (see `settings`)
     n_batch: int = 512
     n_gpu_layers: int = 0
     tensor_split: tuple[float, ...] | None = None
@@ -148,11 +155,16 @@ class RunnerSpec:
     # Not a ModelSettings field: the runner applies it itself.
     pooling_type: int | None = None
 
-    def settings(self, fd: int, secret: str) -> dict[str, Any]:
+    def settings(self, fd: int, secret: str, thread_budget: str | None = None) -> dict[str, Any]:
         """The JSON line sent to the child: llama_cpp.server ``ModelSettings``
         fields plus the runner's own ``fd`` (the listening socket), ``secret``
-        (the bearer token it must require) and ``pooling_type``.  It carries
-        the secret: never log it.
+        (the bearer token it must require), ``pooling_type`` and
+        ``thread_budget``.  It carries the secret: never log it.
+
+        ``n_threads`` <= 0 asks for a fair share: the runner starts with every
+        usable core and, given ``thread_budget`` (the supervisor's shared
+        file, see `hoshikage_sup.threads`), follows the share published there
+        before each decode step.
 
         ``n_threads_batch`` follows ``n_threads`` so a runner stays inside the
         thread budget the scheduler gave it (llama_cpp.server would otherwise
@@ -167,7 +179,9 @@ class RunnerSpec:
         runner from 0.4 to 2.4 GiB RSS and took 1.6× as long.  Only
         ``logprobs`` requests need it (they fail with a 500 without it).
         """
-        threads = self.n_threads if self.n_threads > 0 else -1
+        from .threads import usable_cpus
+
+        threads = self.n_threads if self.n_threads > 0 else usable_cpus()
         return {
             "model": self.model_path,
             "model_alias": self.model_name,
@@ -187,6 +201,7 @@ class RunnerSpec:
             "use_mlock": False,
             "logits_all": self.logits_all,
             "pooling_type": self.pooling_type,
+            "thread_budget": thread_budget if self.n_threads <= 0 else None,
             "verbose": True,
             "fd": fd,
             "secret": secret,
@@ -271,7 +286,7 @@ class RunnerProcess:
 
     def __init__(
         self,
-        spec: RunnerSpec,
+        spec: RunnerSpec | None,
         *,
         replica: int = 0,
         log: Any = None,
@@ -282,10 +297,10 @@ class RunnerProcess:
         runtime_dir: Path | str | None = None,
         output: OutputSink | None = None,
     ) -> None:
-        self.spec = spec
+        self.spec = spec  # None for a spare until `assign`
         self.replica = replica
         self._base_log = (log if log is not None else structlog.get_logger("hoshikage.runner")).bind(
-            model=spec.model_name, replica=replica
+            model=spec.model_name if spec is not None else "(spare)", replica=replica
         )
         self._log = self._base_log
         self.on_exit = on_exit
@@ -300,6 +315,7 @@ class RunnerProcess:
         self._session: aiohttp.ClientSession | None = None
         self.pid: int | None = None
         self.started_at: float | None = None  # wall clock (time.time()) at spawn
+        self.spawned_for: float | None = None  # seconds a spare waited before `assign` (None: not a spare)
         self.ready_at: float | None = None  # wall clock when /health first answered
         self.load_duration: float | None = None  # seconds from spawn to ready
         self.state: str = "new"
@@ -314,10 +330,18 @@ class RunnerProcess:
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Future[int] | None = None
+        self._fd = -1  # the listening socket's descriptor number, the same in the child
+        self.thread_budget: str | None = None  # the shared fair-share file (hoshikage_sup.threads), if any
+        self._spared_at = 0.0
+
+    @property
+    def name(self) -> str:
+        """The model's name, or "(spare)" for a spare not yet assigned."""
+        return self.spec.model_name if self.spec is not None else "(spare)"
 
     def __repr__(self) -> str:
         return (
-            f"<RunnerProcess {self.spec.model_name}#{self.replica} pid={self.pid} "
+            f"<RunnerProcess {self.name}#{self.replica} pid={self.pid} "
             f"socket={self.socket_path} state={self.state}>"
         )
 
@@ -353,29 +377,83 @@ class RunnerProcess:
 
     # ------------------------------------------------------------------ start
 
+    async def spawn(self) -> None:
+        """Bind the socket and spawn the child, without sending settings: a spare.
+
+        The child imports its server stack and then waits on stdin.  Give it a
+        spec with `assign`, then `start` it.  Raises `RunnerLoadError` when
+        the socket or the process cannot be made.
+        """
+        if self.state != "new":
+            raise RuntimeError(f"{self!r}: spawn() only applies to a new runner")
+        self.state = "starting"
+        await self._bind_and_spawn()
+        self.state = "spare"
+        self._spared_at = asyncio.get_running_loop().time()
+
+    def assign(self, spec: RunnerSpec, *, replica: int = 0, log: Any = None,
+               output: OutputSink | None = None) -> None:
+        """Tell a spare which model it will load (before `start`)."""
+        if self.state != "spare":
+            raise RuntimeError(f"{self!r}: only a waiting spare can be assigned")
+        self.spec = spec
+        self.replica = replica
+        self._base_log = (log if log is not None else self._base_log).bind(model=spec.model_name, replica=replica)
+        self._log = self._base_log.bind(pid=self.pid)
+        self.output = output
+        self.spawned_for = asyncio.get_running_loop().time() - self._spared_at
+        self._relevant.clear()  # what it printed while waiting explains nothing about this model
+
     async def start(self, load_timeout: float = 300.0) -> None:
-        """Spawn the child and return once it serves; raise `RunnerLoadError` otherwise.
+        """Spawn the child (unless it is an assigned spare) and return once it
+        serves; raise `RunnerLoadError` otherwise.
 
         ``load_timeout`` counts from the child's last output, not from the
         spawn: a big model that keeps printing progress is not killed, a
         silent hang is.  On any failure, cancellation included, the child is
         killed and reaped before this returns.
         """
-        if self.state != "new":
+        if self.spec is None:
+            raise RuntimeError(f"{self!r}: a spare needs assign() before start()")
+        if self.spawned_for is not None and self.ready_at is None and self.state in ("spare", "exited"):
+            if self._exited.is_set():  # the spare died after it was assigned
+                raise self._exit_error()
+        elif self.state == "new":
+            self.state = "starting"
+            await self._bind_and_spawn()
+        else:
             raise RuntimeError(f"{self!r}: start() can only be called once")
         self.state = "starting"
         loop = asyncio.get_running_loop()
+        sent_at = self._last_output = loop.time()  # a spare may have been quiet for hours
+        try:
+            await self._send_settings(self._fd)
+            await self._wait_ready(load_timeout)
+        except BaseException as e:
+            await self._abort_start()
+            if isinstance(e, RunnerLoadError) or not isinstance(e, Exception):
+                raise  # RunnerLoadError as is; CancelledError/KeyboardInterrupt untouched
+            raise self._load_error(f"runner failed to start ({type(e).__name__}: {e})") from e
+        self.load_duration = loop.time() - sent_at
+        self.ready_at = time.time()
+        self.state = "ready"
+        self._relevant.clear()
+        self._log.info("runner ready", socket=self.socket_path, load_duration=round(self.load_duration, 3),
+                       spare=self.spawned_for is not None)
+
+    async def _bind_and_spawn(self) -> None:
+        """Bind the listening socket and spawn the child with it (`start`, `spawn`)."""
         try:
             sock = self._bind()
         except (OSError, RuntimeDirError) as e:
             self.state = "exited"
             self._remove_socket()
-            raise RunnerLoadError(f"cannot create a socket for model {self.spec.model_name!r}: {e}",
-                                  model=self.spec.model_name) from e
+            raise RunnerLoadError(f"cannot create a socket for model {self.name!r}: {e}",
+                                  model=self.name) from e
         try:
-            fd = sock.fileno()
+            self._fd = sock.fileno()
             self._session = self._open_session()
-            await self._spawn(fd)
+            await self._spawn(self._fd)
         except BaseException:
             sock.close()
             if self._proc is None:
@@ -384,20 +462,6 @@ class RunnerProcess:
                 await self._close_session()
             raise
         sock.close()  # the child holds its own copy; ours would keep the socket alive after it dies
-        spawned_at = loop.time()
-        try:
-            await self._send_settings(fd)
-            await self._wait_ready(load_timeout)
-        except BaseException as e:
-            await self._abort_start()
-            if isinstance(e, RunnerLoadError) or not isinstance(e, Exception):
-                raise  # RunnerLoadError as is; CancelledError/KeyboardInterrupt untouched
-            raise self._load_error(f"runner failed to start ({type(e).__name__}: {e})") from e
-        self.load_duration = loop.time() - spawned_at
-        self.ready_at = time.time()
-        self.state = "ready"
-        self._relevant.clear()
-        self._log.info("runner ready", socket=self.socket_path, load_duration=round(self.load_duration, 3))
 
     def _bind(self) -> socket.socket:
         """Bind the child's listening socket here, so it exists before the child does.
@@ -478,8 +542,8 @@ class RunnerProcess:
             )
         except OSError as e:
             raise RunnerLoadError(
-                f"cannot start runner for model {self.spec.model_name!r} ({self._command[0]}: {e})",
-                model=self.spec.model_name,
+                f"cannot start runner for model {self.name!r} ({self._command[0]}: {e})",
+                model=self.name,
             ) from e
         self.pid = self._proc.pid
         self.started_at = time.time()
@@ -491,8 +555,8 @@ class RunnerProcess:
 
     async def _send_settings(self, fd: int) -> None:
         """Write the settings line to the child's stdin; it holds the secret, so it goes nowhere else."""
-        assert self._proc is not None and self._proc.stdin is not None
-        line = json.dumps(self.spec.settings(fd, self._secret), separators=(",", ":")) + "\n"
+        assert self._proc is not None and self._proc.stdin is not None and self.spec is not None
+        line = json.dumps(self.spec.settings(fd, self._secret, self.thread_budget), separators=(",", ":")) + "\n"
         self._proc.stdin.write(line.encode())
         try:
             await self._proc.stdin.drain()
@@ -572,8 +636,8 @@ class RunnerProcess:
 
     def _load_error(self, what: str) -> RunnerLoadError:
         return RunnerLoadError(
-            f"model {self.spec.model_name!r}: {what}",
-            model=self.spec.model_name,
+            f"model {self.name!r}: {what}",
+            model=self.name,
             summary=self.error_summary(),
             returncode=self.returncode,
         )
@@ -685,7 +749,9 @@ class RunnerProcess:
 
     def _log_exit(self, previous: str, returncode: int) -> None:
         how = describe_returncode(returncode)
-        if previous == "ready" and not self.stop_requested:
+        if previous == "spare" and not self.stop_requested:
+            self._log.warning("spare runner exited", returncode=returncode, how=how, error=self.error_summary())
+        elif previous == "ready" and not self.stop_requested:
             self._log.warning("runner exited unexpectedly", returncode=returncode, how=how,
                               error=self.error_summary())
         else:
@@ -764,7 +830,7 @@ class RunnerProcess:
         within ``timeout``.  A runner can answer /health and never generate."""
         if self.state != "ready" or self._session is None or self._session.closed:
             return False
-        path, body = (("/v1/embeddings", {"input": "probe"}) if self.spec.embedding
+        path, body = (("/v1/embeddings", {"input": "probe"}) if self.spec is not None and self.spec.embedding
                       else ("/v1/completions", {"prompt": "Hi", "max_tokens": 1, "temperature": 0}))
         try:
             async with self._session.post(self.base_url + path, json=body,

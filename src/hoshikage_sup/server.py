@@ -198,6 +198,7 @@ class Server:
             if model.preload:
                 task = self.scheduler.preload(model)
                 task.add_done_callback(lambda t, name=model.name: _log_preload(t, name))
+        self.scheduler.pool.start()  # the warm spare (runner_pool), once no preload is loading
         sdnotify.notify("READY=1")
         if sdnotify.enabled():
             self._status = asyncio.ensure_future(self._status_loop())
