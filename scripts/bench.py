@@ -6,6 +6,7 @@
     python scripts/bench.py stream [--model PATH] [--rounds N] [--max-tokens N] [--requests N]
     python scripts/bench.py switch [--model PATH] [--rounds N]
     python scripts/bench.py crash [--model PATH] [--rounds N]
+    python scripts/bench.py all [--rounds N] [--only ROW ...] [--json PATH]   (docs/benchmarks.md)
 
 Each subcommand lives in its own `add_<name>(subparsers)` function that
 registers a parser and sets `func`; `main` only dispatches.
@@ -231,9 +232,10 @@ def add_memory(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from bench_serving import add_crash, add_stream, add_switch  # scripts/ is on sys.path when run as a script
+    from bench_all import add_all  # scripts/ is on sys.path when run as a script
+    from bench_serving import add_crash, add_stream, add_switch
 
-    for add in (add_gguf, add_memory, add_stream, add_switch, add_crash):
+    for add in (add_gguf, add_memory, add_stream, add_switch, add_crash, add_all):
         add(sub)
     return parser
 
