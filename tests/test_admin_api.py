@@ -16,11 +16,13 @@ import aiohttp
 import pytest
 
 from hoshikage_sup import __version__
-from hoshikage_sup.devices import CpuSource
+from hoshikage_sup.devices import CpuSource, SimulatedSource
 from hoshikage_sup.events import EventLog
 from hoshikage_sup.runnerlogs import runner_logs_of
 
 DEADLINE = 20.0
+MiB = 2**20
+GiB = 2**30
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -138,6 +140,52 @@ async def test_load_and_unload_are_seen_in_models(make_server, http):
     # Unloading what is not loaded is not an error.
     status, r = await post(http, h.url + "/admin/models/b/unload")
     assert status == 200 and r["model"]["state"] == "unloaded"
+
+
+async def test_status_shows_each_device_beside_the_runners_memory(make_server, http):
+    """What the status page draws: each device's total and free, and every
+    model's estimate and measured memory per device."""
+    src = SimulatedSource([(24 * GiB, 20 * GiB)], names=["Sim 24G"], system_total=64 * GiB,
+                          system_available=48 * GiB)
+    h = await make_server({"a": {}, "b": {"n_gpu_layers": 0}}, devices=src, memory={"limit": "16GiB"})
+    for name in ("a", "b"):
+        assert (await post(http, f"{h.url}/admin/models/{name}/load"))[0] == 200
+    # Not measured yet: estimates only.
+    status, s = await get(http, h.url + "/admin/status")
+    assert status == 200 and abs(s["time"] - time.time()) < 5
+    cpu, gpu = s["devices"]
+    assert cpu == {
+        "id": "cpu", "kind": "cpu", "gpu": None, "name": "System RAM", "total_bytes": 64 * GiB,
+        "free_bytes": 48 * GiB, "reserve_bytes": GiB, "limit_bytes": 16 * GiB,
+        "estimate_bytes": cpu["estimate_bytes"], "measured_bytes": None, "spare_bytes": 0,
+    }
+    assert gpu["id"] == "gpu0" and gpu["kind"] == "gpu" and gpu["gpu"] == 0 and gpu["name"] == "Sim 24G"
+    assert gpu["total_bytes"] == 24 * GiB and gpu["free_bytes"] == 20 * GiB and gpu["measured_bytes"] is None
+    _, body = await get(http, h.url + "/admin/models")
+    by_name = {m["name"]: m for m in body["models"]}
+    a = {d["device"]: d for d in by_name["a"]["memory"]["devices"]}
+    b = {d["device"]: d for d in by_name["b"]["memory"]["devices"]}
+    assert set(a) == {"cpu", "gpu0"} and set(b) == {"cpu"}  # "auto" put a's layers on the GPU, b stays on the CPU
+    assert a["gpu0"]["gpu"] == 0 and a["cpu"]["gpu"] is None
+    assert sum(d["estimate_bytes"] for d in a.values()) == by_name["a"]["memory"]["estimate_bytes"]
+    assert gpu["estimate_bytes"] == a["gpu0"]["estimate_bytes"] > 0
+    assert cpu["estimate_bytes"] == a["cpu"]["estimate_bytes"] + b["cpu"]["estimate_bytes"]
+    assert all(d["measured_bytes"] is None for d in (*a.values(), *b.values()))
+
+    # Measured: RSS and the GPU memory the driver reports for each runner.
+    (pid_a,) = [p.pid for p in h.spawner.of("a")]
+    (pid_b,) = [p.pid for p in h.spawner.of("b")]
+    src.set_rss(pid_a, 300 * MiB)
+    src.set_rss(pid_b, 200 * MiB)
+    src.allocate(0, 700 * MiB, pid=pid_a)
+    _, body = await get(http, h.url + "/admin/models")
+    by_name = {m["name"]: m for m in body["models"]}
+    a = {d["device"]: d for d in by_name["a"]["memory"]["devices"]}
+    assert a["cpu"]["measured_bytes"] == 300 * MiB and a["gpu0"]["measured_bytes"] == 700 * MiB
+    _, s = await get(http, h.url + "/admin/status")
+    cpu, gpu = s["devices"]
+    assert cpu["measured_bytes"] == 500 * MiB
+    assert gpu["measured_bytes"] == 700 * MiB and gpu["free_bytes"] == 20 * GiB - 700 * MiB
 
 
 async def test_unload_all_and_a_busy_model_drains(make_server, http):

@@ -8,8 +8,11 @@ routes are guarded by `[server] admin_keys` (falling back to `api_keys`,
 see `auth.py`), and errors come in OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`) like every non-Ollama path.
 
-- `GET /admin/status`: version, uptime, address, counts, scheduler counters.
-- `GET /admin/models`: every configured model with its state and replicas.
+- `GET /admin/status`: version, uptime, address, counts, scheduler counters,
+  the daemon's clock, and each memory device (RAM, GPUs) with its total and
+  free bytes beside what the runners are estimated and measured to use.
+- `GET /admin/models`: every configured model with its state and replicas
+  (a loaded one's memory also per device: `memory.devices`).
 - `POST /admin/models/{name}/load` (optional body `{"keep_alive": ...}`),
   `POST /admin/models/{name}/unload`, `POST /admin/unload` (every model).
 - `GET /admin/models/{name}/logs?lines=N&after=SEQ&follow=1`: runner output.
@@ -94,6 +97,30 @@ def _bytes(gpu: Mapping[Any, int] | None) -> dict[str, int]:
     return {str(k): int(v) for k, v in sorted((gpu or {}).items())}
 
 
+def _device_memory(m: ModelStatus) -> list[dict[str, Any]]:
+    """A loaded model's memory per device ("cpu", "gpu0", ...): its estimate
+    and what was measured (null until every replica is measured, and on a GPU
+    whose driver does not report per-process memory)."""
+    replicas = m.replicas
+    measured_cpu = [r.measured_cpu_bytes for r in replicas]
+    out = [{
+        "device": "cpu",
+        "gpu": None,
+        "estimate_bytes": sum(int(r.estimate_cpu_bytes) for r in replicas),
+        "measured_bytes": sum(measured_cpu) if measured_cpu and None not in measured_cpu else None,  # type: ignore[arg-type]
+    }]
+    indexes = sorted({i for r in replicas for i in (*r.estimate_gpu_bytes, *(r.measured_gpu_bytes or {}))})
+    for i in indexes:
+        measured = [None if not r.measured_gpu_bytes else int(r.measured_gpu_bytes.get(i, 0)) for r in replicas]
+        out.append({
+            "device": f"gpu{i}",
+            "gpu": i,
+            "estimate_bytes": sum(int(r.estimate_gpu_bytes.get(i, 0)) for r in replicas),
+            "measured_bytes": sum(measured) if None not in measured else None,  # type: ignore[arg-type]
+        })
+    return out
+
+
 def loaded_view(m: ModelStatus, now: float) -> dict[str, Any]:
     """A loaded model's status in the admin shape."""
     replicas = [{
@@ -132,9 +159,67 @@ def loaded_view(m: ModelStatus, now: float) -> dict[str, Any]:
             "gpu_bytes": int(m.gpu_bytes),
             "estimate_bytes": m.estimate_bytes,
             "measured_bytes": m.measured_bytes,
+            "devices": _device_memory(m),
         },
         "replicas": replicas,
     }
+
+
+def devices_view(c: Any, models: tuple[ModelStatus, ...]) -> list[dict[str, Any]]:
+    """Each memory device ("cpu", then "gpu0", ...): its total and free bytes
+    as the device source reads them now, and what the loaded models' runners
+    are estimated to use on it and were measured to use."""
+    source = c.extra.get("devices")
+    memory = c.config.memory
+    per_model = [d for m in models for d in _device_memory(m)]
+
+    def used(device: str) -> tuple[int, int | None]:
+        rows = [d for d in per_model if d["device"] == device]
+        measured = [d["measured_bytes"] for d in rows if d["measured_bytes"] is not None]
+        return sum(d["estimate_bytes"] for d in rows), (sum(measured) if measured else None)
+
+    system = None
+    gpus = []
+    if source is not None:
+        with contextlib.suppress(Exception):
+            system = source.system()
+        with contextlib.suppress(Exception):
+            gpus = list(source.gpus())
+    spare = 0
+    planner = c.extra.get("planner")
+    if planner is not None:
+        with contextlib.suppress(Exception):
+            spare = int(planner.spare_bytes())
+    estimate, measured = used("cpu")
+    out = [{
+        "id": "cpu",
+        "kind": "cpu",
+        "gpu": None,
+        "name": "System RAM",
+        "total_bytes": int(system.total) if system else None,
+        "free_bytes": int(system.available) if system else None,
+        "reserve_bytes": int(memory.system_reserve),
+        "limit_bytes": int(memory.limit) or None,  # [memory] limit on the runners; null: none
+        "estimate_bytes": estimate,
+        "measured_bytes": measured,
+        "spare_bytes": spare,  # the warm spare runners, measured
+    }]
+    for g in gpus:
+        estimate, measured = used(f"gpu{g.index}")
+        out.append({
+            "id": f"gpu{g.index}",
+            "kind": "gpu",
+            "gpu": g.index,
+            "name": g.name,
+            "total_bytes": int(g.total),
+            "free_bytes": int(g.free),
+            "reserve_bytes": int(memory.gpu_overhead),
+            "limit_bytes": None,
+            "estimate_bytes": estimate,
+            "measured_bytes": measured,
+            "spare_bytes": 0,
+        })
+    return out
 
 
 def _loaded(scheduler: Scheduler) -> dict[str, dict[str, Any]]:
@@ -284,10 +369,11 @@ async def _ndjson(request: web.Request, backlog: list[dict[str, Any]], live: Asy
 
 async def status(request: web.Request) -> web.Response:
     c = ctx(request)
-    loaded = _loaded(c.scheduler)
+    now = time.time()
+    models = c.scheduler.status().models
+    loaded = {m.name: loaded_view(m, now) for m in models}
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else c.config.server.port
-    now = time.time()
     return _json({
         "version": __version__,
         "pid": os.getpid(),
@@ -303,6 +389,8 @@ async def status(request: web.Request) -> web.Response:
         "requests_queued": c.scheduler.queue_depth(),
         "max_queue": c.config.server.max_queue,
         "counters": dict(c.scheduler.counters),
+        "time": round(now, 3),  # the daemon's clock, for countdowns to expires_at
+        "devices": devices_view(c, models),
     })
 
 
