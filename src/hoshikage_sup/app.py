@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from . import __version__
-from .api import admin, metrics, ollama, openai
+from .api import admin, metrics, ollama, openai, ui
 from .api.common import CONTEXT, Context
 from .auth import KeyRing, presented_key
 from .errors import HoshikageError, Unauthorized
@@ -103,4 +103,5 @@ def build_app(context: Context) -> web.Application:
     ollama.add_routes(app)
     metrics.add_routes(app)
     admin.add_routes(app)
+    ui.add_routes(app)
     return app

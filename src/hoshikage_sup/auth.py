@@ -5,7 +5,9 @@ on a LAN sets `[server] api_keys` (or `HOSHIKAGE_API_KEYS`, or
 `api_keys_file` with one key a line).  A key is sent as
 `Authorization: Bearer KEY` (OpenAI clients) or `x-api-key: KEY`.
 `/health` and `GET /` ("Ollama is running") stay open for load balancers and
-liveness checks.  `/admin/` takes the admin keys; with none configured it
+liveness checks, and so does the status page's static files (`/ui`, see
+`api/ui.py`): they hold no data, and every admin call the page makes is
+checked like any other.  `/admin/` takes the admin keys; with none configured it
 takes the API keys.
 
 Keys are compared in constant time against every configured key (no early
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from .config import ServerConfig, read_keys_file
 
-OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PATHS = frozenset({"/health", "/", "/ui", "/ui/", "/ui/ui.js", "/ui/ui.css", "/ui/icon.svg"})
 
 
 def _encode(keys: Iterable[str]) -> tuple[bytes, ...]:
