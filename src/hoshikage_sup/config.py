@@ -43,6 +43,9 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+STAGE_MODES = ("off", "ram")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -65,6 +68,10 @@ class ServerConfig:
     probe_interval: float = 0.0
     # Warm spare runner processes kept ready (imports done, no model yet); 0 = none.
     runner_pool: int = 1
+    # RAM staging (staging.py): "ram" copies models into stage_dir before loading.
+    stage: str = "off"
+    stage_dir: Path = Path("/dev/shm/hoshikage")
+    stage_keep: float = 3600.0  # a copy is removed this long after its model's last runner is gone
     log_level: str = "info"
     # Where runners' Unix sockets live (a private 0700 directory is made in it);
     # None: $XDG_RUNTIME_DIR, else the system's temporary directory.
@@ -112,6 +119,7 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)  # Ollama-style default options
     # Largest num_ctx a request may ask for; 0 = the model's trained context.
     max_num_ctx: int = 0
+    stage: str | None = None  # "ram" / "off"; None = [server] stage
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -284,7 +292,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
     "stop_timeout", "shutdown_timeout", "request_timeout", "health_interval", "health_timeout", "stall_timeout",
-    "probe_interval", "runner_pool",
+    "probe_interval", "runner_pool", "stage", "stage_dir", "stage_keep",
     "log_level", "runtime_dir", "api_keys", "api_keys_file",
     "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
     "max_connections", "max_body_size",
@@ -293,7 +301,7 @@ _MEMORY_KEYS = {"gpu_overhead", "system_reserve", "limit", "recovery_timeout", "
 _MODEL_KEYS = {
     "path", "aliases", "n_ctx", "n_threads", "n_batch", "n_gpu_layers", "flash_attn",
     "cache_type_k", "cache_type_v", "chat_format", "embedding", "keep_alive", "pinned",
-    "preload", "parallel", "options", "max_num_ctx",
+    "preload", "parallel", "options", "max_num_ctx", "stage",
 }
 
 
@@ -320,6 +328,9 @@ def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> Server
         stall_timeout=_take(c, "server.stall_timeout", t, "stall_timeout", _positive_timeout, d.stall_timeout),
         probe_interval=_take(c, "server.probe_interval", t, "probe_interval", _timeout, d.probe_interval),
         runner_pool=_take(c, "server.runner_pool", t, "runner_pool", _int(0, 64), d.runner_pool),
+        stage=_take(c, "server.stage", t, "stage", _choice(*STAGE_MODES), d.stage),
+        stage_dir=_take(c, "server.stage_dir", t, "stage_dir", _path(base_dir), d.stage_dir),
+        stage_keep=_take(c, "server.stage_keep", t, "stage_keep", _timeout, d.stage_keep),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
         runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),
@@ -405,6 +416,7 @@ def _parse_model(c: _Collector, name: str, t: Any, base_dir: Path) -> ModelConfi
         parallel=_take(c, f"{key}.parallel", t, "parallel", _int(1, 64), d.parallel),
         options=dict(options),
         max_num_ctx=_take(c, f"{key}.max_num_ctx", t, "max_num_ctx", _int(0), d.max_num_ctx),
+        stage=_take(c, f"{key}.stage", t, "stage", _choice(*STAGE_MODES), d.stage),
     )
     return m
 

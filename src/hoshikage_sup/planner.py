@@ -34,9 +34,9 @@ class MemoryPlanner:
         self.config = config
         self.devices = devices
         self._warned: set[str] = set()
-        # Memory of processes that are no model's runner yet (the warm spares);
-        # the runner pool sets it.  System RAM already shows them as used.
-        self.spare_bytes: Callable[[], int] = lambda: 0
+        # RAM held for runners but by none of them (warm spares, staged copies
+        # no runner maps); the runner pool sets it.  System RAM already shows it as used.
+        self.extra_bytes: Callable[[], int] = lambda: 0
 
     # ------------------------------------------------------------ facts
 
@@ -158,9 +158,9 @@ class MemoryPlanner:
         before = usage(kept)
         after = usage(kept + [self._candidate(plan)])
         added_cpu = after.cpu_bytes - before.cpu_bytes
-        spares = self.spare_bytes() if mem.limit else 0
-        if mem.limit and after.cpu_bytes + spares > mem.limit:
-            left = max(0, mem.limit - before.cpu_bytes - spares)
+        extra = self.extra_bytes() if mem.limit else 0
+        if mem.limit and after.cpu_bytes + extra > mem.limit:
+            left = max(0, mem.limit - before.cpu_bytes - extra)
             return Fit(
                 False, needed=added_cpu, available=left,
                 reason=f"needs {format_size(added_cpu)} more, the memory limit leaves {format_size(left)}",

@@ -48,6 +48,7 @@ from .devices import ProcessMemory
 from .events import EventLog
 from .logs import get_logger
 from .process import RunnerLoadError, RunnerProcess, RunnerSpec, describe_returncode
+from .staging import Stager
 from .threads import ThreadBudget
 
 if TYPE_CHECKING:  # the scheduler's types; it imports this module
@@ -196,7 +197,10 @@ class RunnerPool:
         self._spare_task: asyncio.Task | None = None
         self._spare_failures = 0  # spares that died in a row
         self.budget = ThreadBudget(owner.runtime_dir)
-        owner.planner.spare_bytes = self.spare_bytes
+        server = owner.config.server
+        self.stager = Stager(server.stage_dir, keep=server.stage_keep, reserve=owner.config.memory.system_reserve,
+                             events=events)
+        owner.planner.extra_bytes = self.extra_bytes
         self.replicas: set[Replica] = set()  # every replica not yet gone
         self.recovering = 0  # stops whose GPU memory is still coming back
         self.closed = False
@@ -217,6 +221,7 @@ class RunnerPool:
         r.state = new
         if new == ReplicaState.GONE:
             self.replicas.discard(r)
+            self.stager.released(r.slot.name, r.process.load_path)
         self.events.record(kind, r.slot.name, reason, replica=r.index, pid=r.process.pid, **detail)
 
     # ------------------------------------------------------------ start
@@ -323,6 +328,10 @@ class RunnerPool:
             return process
         return None
 
+    def extra_bytes(self) -> int:
+        """RAM held for runners but by none of them: waiting spares and unmapped staged copies."""
+        return self.spare_bytes() + self.stager.staged_bytes()
+
     def spare_bytes(self) -> int:
         """RAM the waiting spares use (resident set, measured; a spare has no GPU memory)."""
         total = 0
@@ -340,8 +349,21 @@ class RunnerPool:
         finally:
             self.ensure_spare()  # the load is over: the CPU is free for a new spare's imports
 
+    async def _stage(self, r: Replica) -> None:
+        """RAM staging (staging.py): point the runner at a copy in stage_dir when the model asks for it."""
+        server, model = self.config.server, r.slot.model
+        if (model.stage or server.stage) != "ram":
+            return
+        self.stager.directory, self.stager.keep = server.stage_dir, server.stage_keep
+        self.stager.reserve = self.config.memory.system_reserve
+        runner_own = max(0, r.plan.cpu_bytes - r.plan.weights_cpu)
+        path = await self.stager.stage(model.name, Path(r.process.spec.model_path), also_needed=runner_own)
+        if str(path) != r.process.spec.model_path:
+            r.process.load_path = str(path)
+
     async def _start(self, r: Replica) -> None:
         try:
+            await self._stage(r)
             await r.process.start(load_timeout=self.config.server.load_timeout)
         except asyncio.CancelledError:
             self.transition(r, ReplicaState.GONE, "load_cancelled", "shutdown")
@@ -436,6 +458,7 @@ class RunnerPool:
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
         self.budget.close()
+        await self.stager.close()
 
     # ------------------------------------------------------------ exits nobody asked for
 

@@ -332,6 +332,7 @@ class RunnerProcess:
         self._stop_task: asyncio.Future[int] | None = None
         self._fd = -1  # the listening socket's descriptor number, the same in the child
         self.thread_budget: str | None = None  # the shared fair-share file (hoshikage_sup.threads), if any
+        self.load_path: str | None = None  # a staged copy to load instead of spec.model_path (staging.py)
         self._spared_at = 0.0
 
     @property
@@ -556,7 +557,10 @@ class RunnerProcess:
     async def _send_settings(self, fd: int) -> None:
         """Write the settings line to the child's stdin; it holds the secret, so it goes nowhere else."""
         assert self._proc is not None and self._proc.stdin is not None and self.spec is not None
-        line = json.dumps(self.spec.settings(fd, self._secret, self.thread_budget), separators=(",", ":")) + "\n"
+        settings = self.spec.settings(fd, self._secret, self.thread_budget)
+        if self.load_path is not None:
+            settings["model"] = self.load_path
+        line = json.dumps(settings, separators=(",", ":")) + "\n"
         self._proc.stdin.write(line.encode())
         try:
             await self._proc.stdin.drain()
