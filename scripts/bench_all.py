@@ -14,6 +14,7 @@ Rows (see docs/benchmarks.md for the method and the latest table):
  8. rss         supervisor RSS idle and with three runners loaded
  9. scale       200 models, 5,000 queued requests, max_loaded_models = 4
 10. parallel    two runners generating at once vs one alone (fair share vs every runner on all cores)
+11. staging     runner load from a cold page cache: RAM-staged copy vs the model file
 
 Rounds are interleaved between a figure and its baseline and summarised by
 median and spread (min-max), because absolute figures on a shared 2-core box
@@ -346,6 +347,70 @@ def row_rss(model: Path) -> dict[str, Any]:
             "runner_rss_mib": [r / 2**20 for r in runner_rss]}
 
 
+# ------------------------------------------------------------------ 11: RAM staging
+
+
+def drop_page_cache(path: Path) -> None:
+    """Evict a file's pages from the page cache (no root needed; unmapped pages only)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _load_round(sup: Supervisor, client: httpx.Client, model: Path) -> tuple[float, float]:
+    """Unload, evict the model file from the page cache, then a cold request:
+    (the runner's load seconds from its ready event, request -> first token)."""
+    client.post(sup.url + "/admin/models/demo/unload").raise_for_status()
+    time.sleep(1.0)  # a new spare's imports, out of the way
+    drop_page_cache(model)
+    after = last_seq(client, sup.url)
+    first = first_token(client, sup.url, "demo")
+    events = client.get(sup.url + "/admin/events", params={"after": after}).json()["events"]
+    ready = [e for e in events if e["kind"] == "ready"]
+    return ready[0]["detail"]["load_seconds"], first
+
+
+def row_staging(model: Path, rounds: int) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return {"staging_skipped": "no /dev/shm tmpfs on this machine"}
+    stage_dir = Path(tempfile.mkdtemp(prefix="hoshikage-bench-stage-", dir=shm))
+    plain = Supervisor("[server]\nkeep_alive = -1\n" + model_table("demo", model))
+    staged = Supervisor(f'[server]\nkeep_alive = -1\nstage = "ram"\nstage_dir = "{stage_dir}"\n'
+                        + model_table("demo", model))
+    series: dict[str, list[float]] = {"load_cold_cache": [], "load_staged": [],
+                                      "first_token_cold_cache": [], "first_token_staged": []}
+    try:
+        with httpx.Client(timeout=120) as client:
+            drop_page_cache(model)
+            t = time.perf_counter()
+            first_token(client, staged.url, "demo")  # the first staged load includes the copy
+            first_with_copy = time.perf_counter() - t
+            one_token(client, plain.url, "demo")
+            for _ in range(rounds):
+                load, first = _load_round(plain, client, model)
+                series["load_cold_cache"].append(load)
+                series["first_token_cold_cache"].append(first)
+                load, first = _load_round(staged, client, model)
+                series["load_staged"].append(load)
+                series["first_token_staged"].append(first)
+    finally:
+        plain.close()
+        staged.close()
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    out: dict[str, Any] = {name: summary(v) for name, v in series.items()}
+    out["first_token_first_staged_load_with_copy"] = first_with_copy
+    out["ratio_staged_to_cold_cache_load"] = summary(
+        [a / b for a, b in zip(series["load_staged"], series["load_cold_cache"])])
+    return out
+
+
 # ------------------------------------------------------------------ 10: two runners at once
 
 
@@ -415,6 +480,7 @@ ROWS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "rss": lambda a: row_rss(a.model),
     "scale": lambda a: row_scale(),
     "parallel": lambda a: row_parallel(a.model, a.rounds, a.max_tokens),
+    "staging": lambda a: row_staging(a.model, a.rounds),
 }
 
 
@@ -544,6 +610,12 @@ def table(results: dict[str, Any]) -> str:
     add("10", "two runners at once ÷ one alone, tokens/s (fair share; baseline: each on all cores)",
         _fmt(pa.get("ratio_fair_two_to_one"), "x"), _fmt(pa.get("ratio_all_cores_two_to_one"), "x"), "", "≥ 0.9x",
         _met(pa.get("ratio_fair_two_to_one"), lambda v: v >= 0.9))
+    st = r.get("staging", {})
+    add("11", "runner load s from a cold page cache: RAM-staged copy vs the model file", _fmt(st.get("load_staged")),
+        _fmt(st.get("load_cold_cache")), _fmt(st.get("ratio_staged_to_cold_cache_load"), "x"), "", "")
+    add("11", "cold request → first token s: staged vs file; first staged load (copy included)",
+        f"{_fmt(st.get('first_token_staged'))}; {_fmt(st.get('first_token_first_staged_load_with_copy'))}",
+        _fmt(st.get("first_token_cold_cache")), "", "", "")
     errors = [f"- {name}: {row['error']}" for name, row in r.items() if isinstance(row, dict) and "error" in row]
     skipped = sorted({v for row in r.values() if isinstance(row, dict)
                       for k, v in row.items() if k.endswith("_skipped")})
