@@ -21,7 +21,10 @@ Vocabulary:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import heapq
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -258,7 +261,7 @@ class ModelHealth:
     restart_timer: Any = None  # the pending replacement of a crashed runner (crash backoff)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues index requests by the object
 class Pending:
     model: ModelConfig
     options: RunnerOptions
@@ -267,6 +270,81 @@ class Pending:
     enqueued: float
     load_started: float | None = None
     load_only: bool = False
+    seq: int = 0  # arrival order
+    queued: bool = False  # waiting in the queue (False once granted, failed or gone)
+    keep_alive_change: bool = False  # its keep_alive differs from the one before it in its model's queue
+
+
+class ModelQueue:
+    """One model's waiting requests in arrival order, and what a pass needs
+    to know about them without looking at each one.
+
+    `items` may still hold requests that left the queue (`queued` False);
+    they are skipped and dropped in bulk, never removed one by one, and a
+    new list replaces the old one when it is compacted (a pass walking the
+    old one is not disturbed).  `start` is where the live part begins.
+
+    The requests that carry keep_alive are kept apart (`keep_alives`), and
+    among them the *changes* (`changes`): those whose keep_alive differs
+    from the one before them, or whose predecessor left.  Between two
+    changes, requests only set the session to the value it already has.
+    """
+
+    __slots__ = ("items", "start", "live", "dead", "options", "load_only", "fresh", "keep_alives", "changes",
+                 "head_seq")
+
+    def __init__(self) -> None:
+        self.items: list[Pending] = []
+        self.start = 0
+        self.live = 0
+        self.dead = 0  # entries in `items` that left the queue
+        self.options: dict[RunnerOptions, int] = {}  # how many ask for each set of runner options
+        self.load_only = 0
+        self.fresh: list[Pending] = []  # not yet stamped with the start of a load
+        self.keep_alives: list[Pending] = []  # those that carry keep_alive, arrival order
+        self.changes: list[Pending] = []  # of those, the ones that change the value, arrival order
+        self.head_seq = -1  # the arrival number under which Scheduler._heads knows this queue
+
+    @property
+    def uniform(self) -> bool:
+        """Every request waiting asks for the same runner options and a real
+        request: each one would be decided like the first that waits."""
+        return self.load_only == 0 and len(self.options) == 1
+
+    def first(self) -> int | None:
+        """Index of the oldest waiting request (skipping those that left)."""
+        items, i = self.items, self.start
+        while i < len(items) and not items[i].queued:
+            i += 1
+        if i > 64 and i * 2 > len(items):
+            self.items = items = items[i:]  # a new list: a pass may hold the old one
+            self.dead -= i
+            i = 0
+        self.start = i
+        return i if i < len(items) else None
+
+    def index(self, p: Pending) -> int:
+        """Where `p` is in `items` (a binary search: items are in arrival order)."""
+        return bisect.bisect_left(self.items, p.seq, key=_seq_of)
+
+    def next_keep_alive(self, after: int) -> Pending | None:
+        """The first waiting request after arrival number `after` that carries keep_alive."""
+        kas = self.keep_alives
+        i = bisect.bisect_right(kas, after, key=_seq_of)
+        while i < len(kas) and not kas[i].queued:
+            i += 1
+        return kas[i] if i < len(kas) else None
+
+    def next_change(self, after: int) -> Pending | None:
+        changes = self.changes
+        i = bisect.bisect_right(changes, after, key=_seq_of)
+        while i < len(changes) and not changes[i].queued:
+            i += 1
+        return changes[i] if i < len(changes) else None
+
+
+def _seq_of(p: Pending) -> int:
+    return p.seq
 
 
 class Scheduler:
@@ -288,7 +366,16 @@ class Scheduler:
         self._timer = timer
         self._clock = clock
         self.slots: dict[str, Slot] = {}
-        self.pending: list[Pending] = []
+        # The queue: every waiting request in arrival order, and per model.
+        self._waiting: dict[Pending, None] = {}
+        self._queues: dict[str, ModelQueue] = {}
+        # The models with requests waiting, by the arrival of their oldest one
+        # (a heap; entries whose queue moved on are corrected or dropped when met).
+        self._heads: list[tuple[int, str]] = []
+        self._seq = itertools.count()
+        # Work done by the scheduling passes, counted (tests and benchmarks):
+        # `decisions` is the number of requests a pass looked at.
+        self.stats: dict[str, int] = {"passes": 0, "decisions": 0}
         self.events = EventLog()
         self._closed = False
         self._refusing = False  # a shutdown's drain: requests in flight finish, no new ones
@@ -333,7 +420,7 @@ class Scheduler:
         Raises QueueFull, ModelLoadError, InsufficientMemory, ShuttingDown."""
         if self._closed or self._refusing:
             raise ShuttingDown("the server is shutting down")
-        if len(self.pending) >= self.config.server.max_queue:
+        if len(self._waiting) >= self.config.server.max_queue:
             self.counters["rejected_queue_full"] += 1
             raise QueueFull(self.config.server.max_queue)
         loop = asyncio.get_running_loop()
@@ -345,7 +432,7 @@ class Scheduler:
             enqueued=time.monotonic(),
             load_only=load_only,
         )
-        self.pending.append(p)
+        self._enqueue(p)
         self.counters["requests"] += 1
         self._schedule()
         try:
@@ -353,8 +440,7 @@ class Scheduler:
         except asyncio.CancelledError:
             # The client went away.  If a lease was handed over in the same
             # instant, give it back; either way leave the queue.
-            if p in self.pending:
-                self.pending.remove(p)
+            self._dequeue(p)
             if p.future.done() and not p.future.cancelled() and p.future.exception() is None:
                 self.release(p.future.result())
             self._schedule()
@@ -451,15 +537,16 @@ class Scheduler:
                 changes["updated"].append(name)
             else:
                 changes["unchanged"].append(name)
-        for q in list(self.pending):
+        for q in self.pending:
             new = config.models.get(q.model.name)
             if new is None:
-                self.pending.remove(q)
+                self._dequeue(q)
                 if not q.future.done():
                     q.future.set_exception(ModelNotFound(q.model.name))
             elif new is not q.model:
                 asked = _overrides(q.options, RunnerOptions.for_model(q.model))
                 q.model, q.options = new, RunnerOptions.for_model(new, asked)
+        self._requeue()  # options may have changed: count them again
         for name, slot in list(self.slots.items()):
             if name in changes["removed"]:
                 self._drain(slot, "removed")
@@ -496,9 +583,7 @@ class Scheduler:
         """What every loaded model is doing, as frozen values for the APIs.
         With `measure`, ready runners' memory is read afresh first (RSS grows
         as a runner touches its mmap'd weights)."""
-        waiting: dict[str, int] = {}
-        for p in self.pending:
-            waiting[p.model.name] = waiting.get(p.model.name, 0) + 1
+        waiting = {name: q.live for name, q in self._queues.items()}
         models = []
         for slot in sorted(self.slots.values(), key=lambda s: s.name):
             live = [r for r in slot.replicas if r.state != ReplicaState.GONE]
@@ -513,7 +598,7 @@ class Scheduler:
                 refcount=slot.refcount, queued=waiting.get(slot.name, 0), generation=slot.generation,
                 replicas=tuple(_replica_status(r) for r in live),
             ))
-        return SchedulerStatus(models=tuple(models), queued=len(self.pending), max_loaded=self.max_loaded,
+        return SchedulerStatus(models=tuple(models), queued=len(self._waiting), max_loaded=self.max_loaded,
                                counters=dict(self.counters), waiting=waiting)
 
     def model_status(self, name: str) -> ModelStatus | None:
@@ -521,7 +606,12 @@ class Scheduler:
         return self.status(measure=False).model(name)
 
     def queue_depth(self) -> int:
-        return len(self.pending)
+        return len(self._waiting)
+
+    @property
+    def pending(self) -> list[Pending]:
+        """The requests waiting, in arrival order (a copy)."""
+        return list(self._waiting)
 
     def invariants(self) -> list[str]:
         """What is wrong with the scheduler's state, one line each; empty when
@@ -530,9 +620,12 @@ class Scheduler:
         every replica's refcount equals the leases out on it, every registered
         slot has a replica."""
         problems = []
-        for p in self.pending:
+        for p in self._waiting:
             if p.future.done():
                 problems.append(f"pending request for {p.model.name!r} is answered but still queued")
+        counted = sum(q.live for q in self._queues.values())
+        if counted != len(self._waiting):
+            problems.append(f"{len(self._waiting)} requests waiting but {counted} in the per-model queues")
         held: dict[int, int] = {}
         for lease in self.leases:
             if lease.released:
@@ -580,7 +673,7 @@ class Scheduler:
 
     async def wait_idle(self, timeout: float) -> None:
         """For tests and shutdown: wait until no request is pending or in flight."""
-        idle = lambda: not self.pending and not any(s.refcount for s in self.slots.values())  # noqa: E731
+        idle = lambda: not self._waiting and not any(s.refcount for s in self.slots.values())  # noqa: E731
         if not await self.wait_until(idle, timeout):
             raise TimeoutError("scheduler did not become idle")
 
@@ -593,9 +686,9 @@ class Scheduler:
         """Refuse new work, fail what waits, stop every runner."""
         self._closed = True
         for p in self.pending:
+            self._dequeue(p)
             if not p.future.done():
                 p.future.set_exception(ShuttingDown("the server is shutting down"))
-        self.pending.clear()
         replicas = []
         for slot in list(self.slots.values()):
             self._cancel_expiry(slot)
@@ -622,29 +715,124 @@ class Scheduler:
             self._changed.set()
 
     def _pass(self) -> None:
-        self.pending = [p for p in self.pending if not p.future.done()]
+        self.stats["passes"] += 1
+        self._walk()
+        self._settle_slots()
+
+    def _walk(self) -> None:
+        """One walk over the queue in arrival order, making every decision the
+        state allows.
+
+        The walk visits the waiting requests merged by arrival across models
+        (a heap of each model's next request), and stops visiting a model as
+        soon as the rest of its queue would only wait: its first request
+        that waits for a busy or loading runner, a draining model or a load
+        that cannot start yet stands for all the others asking for the same
+        runner options (`_rest_waits`).  What those others would have done
+        while waiting (set the session from their keep_alive, note when a
+        load for them began) is done for all of them at once
+        (`_settle_rest`).  Models that are not loaded join the walk one at a
+        time, oldest request first (`_heads`), and stop joining once a load
+        has to wait: every later load waits behind it.  So a pass costs in
+        the loaded models and the requests it grants or loads for, not in
+        the length of the queue nor in the number of models waiting.  A
+        model whose queue mixes runner options or load-only requests is
+        walked request by request.
+        """
         # A load that needs memory or a model slot is decided in arrival order:
         # once one such load must wait for an eviction, later loads wait behind
         # it (no starvation), while requests for loaded models keep flowing.
         loads_blocked = self.pool.recovering > 0
-        for p in list(self.pending):
-            if p.future.done():
-                continue
-            # One request's decision can never poison the pass: whatever goes
-            # wrong while deciding for it fails that request alone.
-            try:
-                if not self._decide(p, loads_blocked):
-                    loads_blocked = True
-            except Exception as e:  # noqa: BLE001 - a bug or an absurd input: isolate it
-                self._fail_pending(p, e)
-        # Granted requests leave the queue here, all at once: removing each from
-        # the list as it is granted would make a pass quadratic in the queue.
-        self.pending = [p for p in self.pending if not p.future.done()]
+        queues = self._queues
+        heap: list[tuple[int, str, int, list[Pending]]] = []
+        for name in self.slots:
+            q = queues.get(name)
+            if q is not None and (i := q.first()) is not None:
+                heap.append((q.items[i].seq, name, i, q.items))
+        heapq.heapify(heap)
+        walked = {entry[1] for entry in heap}
+        taken: list[str] = []  # taken off _heads: put back at the end
+        joined: str | None = None  # the model without a slot that joined last, until its turn
+
+        def join_next() -> str | None:
+            """Bring the model without a slot whose oldest request is the
+            oldest of all such models into the walk."""
+            heads = self._heads
+            while heads:
+                seq, name = heapq.heappop(heads)
+                q = queues.get(name)
+                if q is None or q.head_seq != seq:
+                    continue  # its queue emptied (or was made again): a stale entry
+                i = q.first()
+                assert i is not None  # a queue exists only while it holds a request
+                if q.items[i].seq != seq:  # its oldest request left: file it under the next
+                    q.head_seq = q.items[i].seq
+                    heapq.heappush(heads, (q.head_seq, name))
+                    continue
+                taken.append(name)
+                if name in walked:
+                    continue
+                walked.add(name)
+                heapq.heappush(heap, (seq, name, i, q.items))
+                return name
+            return None
+
+        if not loads_blocked:
+            joined = join_next()
+        while heap:
+            _, name, i, items = heapq.heappop(heap)
+            if name == joined:  # its oldest request's turn: the next model to load may join
+                joined = None
+            p = items[i]
+            if p.queued:
+                if p.future.done():  # cancelled; its acquire() has not seen it yet
+                    self._dequeue(p)
+                else:
+                    self.stats["decisions"] += 1
+                    # One request's decision can never poison the pass: whatever
+                    # goes wrong while deciding for it fails that request alone.
+                    try:
+                        if not self._decide(p, loads_blocked):
+                            loads_blocked = True
+                        rest_waits = p.queued and self._rest_waits(p, loads_blocked)
+                    except Exception as e:  # noqa: BLE001 - a bug or an absurd input: isolate it
+                        self._fail_pending(p, e)
+                        rest_waits = False
+                    if rest_waits:
+                        q = queues.get(name)
+                        if q is not None and q.uniform:
+                            nxt = self._settle_rest(name, q, p)
+                            # The rest of this model's queue is skipped, but for
+                            # the next request that changes the session.
+                            items = []
+                            if nxt is not None:
+                                heapq.heappush(heap, (nxt.seq, name, q.index(nxt), q.items))
+            j = i + 1
+            while j < len(items) and not items[j].queued:
+                j += 1
+            if j < len(items):
+                heapq.heappush(heap, (items[j].seq, name, j, items))
+            if joined is None and not loads_blocked:
+                joined = join_next()
+        for name in taken:
+            q = queues.get(name)
+            if q is not None and (i := q.first()) is not None:
+                q.head_seq = q.items[i].seq
+                heapq.heappush(self._heads, (q.head_seq, name))
+        if len(self._heads) > 2 * len(queues) + 64:  # stale entries piling up under a waiting load
+            self._heads = []
+            for name, q in queues.items():
+                if (i := q.first()) is not None:
+                    q.head_seq = q.items[i].seq
+                    self._heads.append((q.head_seq, name))
+            heapq.heapify(self._heads)
+
+    def _settle_slots(self) -> None:
         # Idle countdowns start here, for every slot at once: a slot is idle
         # when it is ready, holds no lease and no request waits for it (a
         # queued request is handed the runner in this same pass, so keep_alive
         # 0 never unloads a model under its own queue).
-        waiting = {p.model.name for p in self.pending}
+        waiting = self._queues
         for slot in list(self.slots.values()):
             try:
                 if slot.draining:
@@ -659,6 +847,122 @@ class Scheduler:
                 self.counters["scheduling_errors"] += 1
                 log.exception("scheduling error on a loaded model", model=slot.name)
 
+    def _rest_waits(self, p: Pending, loads_blocked: bool) -> bool:
+        """`p` was decided and still waits: would a request just like it (same
+        model and runner options, not load-only) only wait too, changing
+        nothing but what `_settle_rest` does?"""
+        if p.load_only:
+            return False
+        slot = self.slots.get(p.model.name)
+        if slot is None:
+            if loads_blocked:
+                return True
+            # A crash backoff (not a cooldown): no load before it ends.
+            health = self.health.get(p.model.name)
+            return (health is not None and health.retry_at > time.monotonic()
+                    and not policy.in_cooldown(health.load_failures))
+        if slot.draining:
+            return True  # waits for the slot to go; _maybe_stop has run for it
+        if not slot.options.serves(p.options):
+            return False
+        # No replica free for it; one more was started if it could be (a second
+        # try in the same pass would meet the same memory).
+        return self._pick_replica(slot) is None
+
+    def _settle_rest(self, name: str, q: ModelQueue, p: Pending) -> Pending | None:
+        """The requests of `q` after `p` (which waits) would each only wait in
+        this pass.  A load under way counts as their load from now on; and
+        each would set the session from its keep_alive, at its turn in the
+        walk.  Returns the next of them whose keep_alive changes the session
+        (it must be walked at its turn: a load decided in between may look
+        at the session), or None."""
+        slot = self.slots.get(name)
+        if slot is None or slot.draining or not slot.options.serves(next(iter(q.options))):
+            return None  # they would not touch the session, nor count a load
+        if q.fresh and slot.loading:
+            now = time.monotonic()
+            for x in q.fresh:
+                if x.queued and x.load_started is None:
+                    x.load_started = now
+            q.fresh = []
+        if not q.keep_alives:
+            return None
+        nxt = q.next_keep_alive(p.seq)
+        if nxt is not None and p.keep_alive is not None and nxt.keep_alive == p.keep_alive:
+            nxt = q.next_change(p.seq)  # the same value as p's, which was just set
+        return nxt
+
+    # ------------------------------------------------------------ the queue
+
+    def _enqueue(self, p: Pending, seq: int | None = None) -> None:
+        p.seq = next(self._seq) if seq is None else seq
+        p.queued = True
+        self._waiting[p] = None
+        q = self._queues.get(p.model.name)
+        if q is None:
+            q = self._queues[p.model.name] = ModelQueue()
+        q.items.append(p)
+        q.live += 1
+        q.options[p.options] = q.options.get(p.options, 0) + 1
+        q.load_only += p.load_only
+        if p.load_started is None:
+            q.fresh.append(p)
+        if p.keep_alive is not None:
+            kas = q.keep_alives
+            while kas and not kas[-1].queued:
+                kas.pop()
+            p.keep_alive_change = not kas or kas[-1].keep_alive != p.keep_alive
+            if p.keep_alive_change:
+                q.changes.append(p)
+            kas.append(p)
+        if q.live == 1:  # a new queue: file it under its oldest request
+            q.head_seq = p.seq
+            heapq.heappush(self._heads, (p.seq, p.model.name))
+
+    def _dequeue(self, p: Pending) -> None:
+        """`p` leaves the queue (granted, failed or gone); O(1), idempotent."""
+        if not p.queued:
+            return
+        p.queued = False
+        del self._waiting[p]
+        name = p.model.name
+        q = self._queues[name]
+        q.live -= 1
+        if q.live == 0:
+            del self._queues[name]
+            return
+        n = q.options[p.options] - 1
+        if n:
+            q.options[p.options] = n
+        else:
+            del q.options[p.options]
+        q.load_only -= p.load_only
+        if p.keep_alive is not None:
+            # The next request with a keep_alive no longer follows p's value:
+            # it is a change now (at worst it is walked for nothing).
+            nxt = q.next_keep_alive(p.seq)
+            if nxt is not None and not nxt.keep_alive_change:
+                nxt.keep_alive_change = True
+                bisect.insort(q.changes, nxt, key=_seq_of)
+        q.dead += 1
+        if q.dead > 64 and q.dead > q.live:
+            # New lists: a pass walking the old ones is not disturbed.
+            q.items = [x for x in q.items if x.queued]
+            q.start, q.dead = 0, 0
+            q.fresh = [x for x in q.fresh if x.queued and x.load_started is None]
+            q.keep_alives = [x for x in q.keep_alives if x.queued]
+            q.changes = [x for x in q.changes if x.queued]
+
+    def _requeue(self) -> None:
+        """Build the per-model queues again from the requests waiting, in arrival order."""
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        self._queues.clear()
+        self._heads.clear()
+        for p in waiting:
+            p.keep_alive_change = False
+            self._enqueue(p, p.seq)
+
     def _decide(self, p: Pending, loads_blocked: bool) -> bool:
         """Every decision the state allows for one pending request.  Returns
         False when a load had to wait, so later loads wait behind it."""
@@ -670,6 +974,11 @@ class Scheduler:
             # Runner options differ (for example num_ctx): reload after it
             # drains, but only for options that can run at all: a request whose
             # options cannot fit fails alone and the loaded runner stays.
+            if not slot.ready:
+                # Still loading, for the requests ahead of this one: reload once
+                # it has served them (draining it now would load it again for
+                # them next, and again for this one, for ever).
+                return True
             if self._options_fail(p):
                 return True
             self.counters["reloads"] += 1
@@ -714,8 +1023,7 @@ class Scheduler:
     def _fail_pending(self, p: Pending, e: Exception) -> None:
         self.counters["scheduling_errors"] += 1
         log.exception("scheduling failed for one request", model=p.model.name)
-        if p in self.pending:
-            self.pending.remove(p)
+        self._dequeue(p)
         if not p.future.done():
             error = e if isinstance(e, HoshikageError) else HoshikageError(
                 f"cannot schedule this request for model '{p.model.name}': {type(e).__name__}: {e}"
@@ -726,7 +1034,7 @@ class Scheduler:
         return policy.pick_replica([(r, _load_of(r)) for r in slot.replicas])
 
     def _grant(self, p: Pending, r: Replica | None) -> None:
-        """Hand `p` a lease; it leaves the queue at the end of the pass."""
+        """Hand `p` a lease; it leaves the queue."""
         now = time.monotonic()
         load = (now - p.load_started) if p.load_started is not None else 0.0
         if r is None:  # load-only request: no replica is held
@@ -739,6 +1047,7 @@ class Scheduler:
             lease = Lease(replica=r, queued=now - p.enqueued, load_duration=load)
         self._cancel_expiry(r.slot)
         self.leases.add(lease)
+        self._dequeue(p)
         p.future.set_result(lease)
 
     def _apply_keep_alive(self, slot: Slot, p: Pending) -> None:
@@ -755,7 +1064,7 @@ class Scheduler:
         (evicting a model with a queue only means loading it again next),
         then shortest session first, "forever" last, then name.  Pinned,
         loading and already draining slots are not candidates."""
-        waiting = {p.model.name for p in self.pending}
+        waiting = self._queues  # models with requests waiting
         slots = {
             s.name: s for s in self.slots.values()
             if s.name != exclude and not s.model.pinned and not s.loading and not s.draining
@@ -952,10 +1261,14 @@ class Scheduler:
         """Fail the requests that asked for exactly these options; requests for
         the same model with other options (another num_ctx) stay queued and get
         a load of their own."""
-        for q in list(self.pending):
-            if q.model.name == model.name and q.options == options and not q.future.done():
-                q.future.set_exception(error)
-                self.pending.remove(q)
+        queue = self._queues.get(model.name)
+        if queue is None:
+            return
+        for q in queue.items:
+            if q.queued and q.options == options:
+                self._dequeue(q)
+                if not q.future.done():
+                    q.future.set_exception(error)
 
     def _health_of(self, name: str) -> ModelHealth:
         return self.health.setdefault(name, ModelHealth())
