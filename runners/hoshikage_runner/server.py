@@ -29,6 +29,7 @@ from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import ValidationError
 
 from hoshikage_runner import guards, threads
+from hoshikage_runner import rpc
 from hoshikage_runner.lifeline import fail
 
 # Seconds uvicorn waits for open requests after SIGTERM before it cancels them.
@@ -243,6 +244,7 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
     _scrub_settings_environment()
     model = model_settings(settings)
     use_pooling(settings.get("pooling_type"))
+    rpc.install(model)  # rpc_servers: refused on a build without RPC, else registered with llama.cpp
     threads.install(settings.get("thread_budget"))  # n_threads 0: follow the supervisor's fair share
     classify_request_errors()
     try:

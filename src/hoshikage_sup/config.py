@@ -120,6 +120,9 @@ class ModelConfig:
     # Largest num_ctx a request may ask for; 0 = the model's trained context.
     max_num_ctx: int = 0
     stage: str | None = None  # "ram" / "off"; None = [server] stage
+    # llama.cpp RPC servers ("host:port") that hold the offloaded layers
+    # (docs/scale-out.md); () = this box's own devices only.
+    rpc_servers: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -301,8 +304,28 @@ _MEMORY_KEYS = {"gpu_overhead", "system_reserve", "limit", "recovery_timeout", "
 _MODEL_KEYS = {
     "path", "aliases", "n_ctx", "n_threads", "n_batch", "n_gpu_layers", "flash_attn",
     "cache_type_k", "cache_type_v", "chat_format", "embedding", "keep_alive", "pinned",
-    "preload", "parallel", "options", "max_num_ctx", "stage",
+    "preload", "parallel", "options", "max_num_ctx", "stage", "rpc_servers",
 }
+# llama.cpp's GGML_RPC_MAX_SERVERS
+MAX_RPC_SERVERS = 16
+_RPC_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?)$")
+
+
+def _rpc_servers(v: Any) -> tuple[str, ...]:
+    """A list of "host:port" (IPv6 as "[addr]:port"), each once, at most 16."""
+    if not isinstance(v, list) or not v:
+        raise ValueError(f'expected a non-empty list of "host:port" strings such as ["10.0.0.2:50052"], got {v!r}')
+    if len(v) > MAX_RPC_SERVERS:
+        raise ValueError(f"expected at most {MAX_RPC_SERVERS} RPC servers (llama.cpp's limit), got {len(v)}")
+    out: list[str] = []
+    for item in v:
+        host, sep, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if (not sep or not _RPC_HOST.match(host) or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError(f'expected "host:port" with a port 1-65535 (IPv6 as "[addr]:port"), got {item!r}')
+        if item in out:
+            raise ValueError(f"RPC server {item!r} is listed twice (expected each once)")
+        out.append(item)
+    return tuple(out)
 
 
 def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> ServerConfig:
@@ -417,6 +440,7 @@ def _parse_model(c: _Collector, name: str, t: Any, base_dir: Path) -> ModelConfi
         options=dict(options),
         max_num_ctx=_take(c, f"{key}.max_num_ctx", t, "max_num_ctx", _int(0), d.max_num_ctx),
         stage=_take(c, f"{key}.stage", t, "stage", _choice(*STAGE_MODES), d.stage),
+        rpc_servers=_take(c, f"{key}.rpc_servers", t, "rpc_servers", _rpc_servers, d.rpc_servers),
     )
     return m
 

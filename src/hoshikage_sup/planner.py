@@ -18,7 +18,7 @@ from .devices import DeviceSource, GpuInfo
 from .durations import format_size
 from .gguf import ModelInfo, load_model_info, read_gguf
 from .logs import get_logger
-from .memory import RunnerFootprint, place, usage, wait_for_recovery
+from .memory import RunnerFootprint, estimate, place, usage, wait_for_recovery
 
 if TYPE_CHECKING:
     from .scheduler import Fit, LoadPlan, Replica, RunnerOptions
@@ -70,6 +70,8 @@ class MemoryPlanner:
 
         info = self.info(model)
         n_ctx = options.n_ctx or info.context_length
+        if model.rpc_servers:
+            return self._plan_rpc(model, options, info, n_ctx)
         gpus = self._gpus_after(released)
         # flash_attn "auto": on where layers go to a GPU (it saves memory there
         # and is what quantized caches need); off on the CPU, where llama.cpp's
@@ -107,6 +109,48 @@ class MemoryPlanner:
             weights_cpu=est.weights_cpu,
             pooling_type=self._pooling(model, info),
             detail={"estimate": est, "layers": info.block_count},
+        )
+
+    def _plan_rpc(self, model: ModelConfig, options: "RunnerOptions", info: ModelInfo, n_ctx: int) -> "LoadPlan":
+        """A model whose offloaded layers go to llama.cpp RPC servers.
+
+        llama.cpp lists RPC devices before local GPUs; the runner is given a
+        `tensor_split` with one equal share per RPC server (and none for any
+        local GPU), so the offloaded layers (all of them for "auto") land on
+        the RPC hosts, evenly, and this box keeps the input layer, any layers
+        not offloaded, its CPU compute buffer, the logits and the process
+        itself.  Only that counts here (`cpu_bytes`; no local `gpu_bytes`);
+        each host's share (weights, KV cache, compute buffer) is in
+        `detail["rpc_bytes"]`, host by host, for the logs and status.  Those
+        hosts' free memory is not known here: a host that cannot hold its
+        share fails the load with llama.cpp's own error.
+        """
+        from .scheduler import LoadPlan
+
+        hosts = list(model.rpc_servers)
+        flash = bool(options.flash_attn) if options.flash_attn != "auto" else False
+        ctk, ctv = self._cache_types(model, options, flash)
+        layers = -1 if options.n_gpu_layers == "auto" else int(options.n_gpu_layers)
+        share = [1.0 / len(hosts)] * len(hosts)
+        est = estimate(
+            info, n_ctx=n_ctx, n_batch=options.n_batch, cache_type_k=ctk, cache_type_v=ctv,
+            n_gpu_layers=layers, tensor_split=share if len(hosts) > 1 else None, flash_attn=flash,
+            logits_all=False, embedding=model.embedding,
+        )
+        remote = {host: int(b) for host, b in zip(hosts, est.gpu_bytes)}
+        return LoadPlan(
+            n_gpu_layers=layers,
+            tensor_split=tuple(share),
+            flash_attn=flash,
+            cache_type_k=ctk,
+            cache_type_v=ctv,
+            n_ctx=n_ctx,
+            cpu_bytes=est.cpu_bytes,
+            gpu_bytes={},
+            weights_key=str(model.path),
+            weights_cpu=est.weights_cpu,
+            pooling_type=self._pooling(model, info),
+            detail={"estimate": est, "layers": info.block_count, "rpc_bytes": remote},
         )
 
     def _pooling(self, model: ModelConfig, info: ModelInfo) -> int | None:

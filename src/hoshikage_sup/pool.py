@@ -180,6 +180,7 @@ def runner_spec(m: ModelConfig, options: "RunnerOptions", plan: "LoadPlan") -> R
         chat_format=m.chat_format,
         embedding=m.embedding,
         pooling_type=plan.pooling_type,
+        rpc_servers=m.rpc_servers,
     )
 
 

@@ -154,6 +154,10 @@ class RunnerSpec:
     # llama.cpp's enum llama_pooling_type (1 = mean); None = the model's own.
     # Not a ModelSettings field: the runner applies it itself.
     pooling_type: int | None = None
+    # llama.cpp RPC servers ("host:port") for the offloaded layers; sent as
+    # ModelSettings' comma-separated rpc_servers, which the runner registers
+    # itself (hoshikage_runner.rpc).
+    rpc_servers: tuple[str, ...] = ()
 
     def settings(self, fd: int, secret: str, thread_budget: str | None = None) -> dict[str, Any]:
         """The JSON line sent to the child: llama_cpp.server ``ModelSettings``
@@ -197,6 +201,7 @@ class RunnerSpec:
             "type_v": self.type_v,
             "chat_format": self.chat_format,
             "embedding": self.embedding,
+            "rpc_servers": ",".join(self.rpc_servers) or None,
             "use_mmap": True,
             "use_mlock": False,
             "logits_all": self.logits_all,
