@@ -1,7 +1,9 @@
 """Command line: `hoshikage serve [--config PATH] [--host H] [--port P]`,
 `hoshikage check [--config PATH]` (validate a config and exit), and the
 commands that ask a running daemon through its admin API (`client.py`):
-`status`, `ps`, `list`, `load`, `unload`, `logs`, `events`.
+`status`, `ps`, `list`, `load`, `unload`, `logs`, `events`, and
+`export litellm` (a LiteLLM proxy config for one or several daemons, see
+`export.py`).
 
 Those find the daemon at `--url`, else `$HOSHIKAGE_URL`, else the address in
 the config (`--config` or `$HOSHIKAGE_CONFIG`), else http://127.0.0.1:11434,
@@ -22,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 from . import __version__
 from .config import ENV_CONFIG, ConfigError, ServerConfig, apply_overrides, load_config, parse_config
+from .export import DEFAULT_KEY_ENV, PROVIDERS
 
 try:
     import tomllib
@@ -84,6 +87,28 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("-n", "--limit", type=_non_negative, metavar="N", help="only the last N events")
     events.add_argument("--after", type=_non_negative, default=0, metavar="SEQ", help="only events after this sequence number")
     events.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+
+    export = sub.add_parser("export", help="configs for other tools, made from running daemons")
+    targets = export.add_subparsers(dest="target", required=True)
+    litellm = targets.add_parser(
+        "litellm", help="a LiteLLM proxy config (YAML) for one or several running daemons",
+        description="Read each daemon's models, aliases, kind and context from its own API and print a "
+                    "LiteLLM proxy config with one deployment per daemon and model (see docs/scale-out.md).",
+    )
+    litellm.add_argument("--url", action="append", metavar="URL",
+                         help="a daemon's address as LiteLLM will reach it; repeat for several "
+                              f"(default: ${ENV_URL}, then the config's host and port, then {DEFAULT_URL})")
+    litellm.add_argument("--config", help="TOML config file to read the daemon's address from, without --url")
+    litellm.add_argument("--api-key", help=f"the daemons' API key (default: ${ENV_API_KEY}); the file refers "
+                                           "to it through --key-env, never by value")
+    litellm.add_argument("--admin-key", help="admin key for the daemons' /admin/ API, where it differs from --api-key")
+    litellm.add_argument("--provider", choices=PROVIDERS, default="openai",
+                         help="LiteLLM provider: openai (the /v1 API, default) or ollama (the /api API)")
+    litellm.add_argument("--key-env", default=DEFAULT_KEY_ENV, metavar="VAR",
+                         help=f"environment variable LiteLLM reads the API key from (default: {DEFAULT_KEY_ENV})")
+    litellm.add_argument("--no-prefer-warm", dest="prefer_warm", action="store_false",
+                         help="no `order`: spread every model evenly even where it is loaded on some daemons only")
+    litellm.add_argument("-o", "--output", metavar="FILE", help="write the config to FILE instead of stdout")
     return p
 
 
@@ -94,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "unload" and bool(args.model) == bool(args.all):
             parser.error("unload: give either a MODEL or --all")  # exits with status 2
         return _client_main(args)
+    if args.command == "export":
+        return _export_main(args)
     try:
         cfg = load_config(
             args.config, os.environ, host=getattr(args, "host", None), port=getattr(args, "port", None)
@@ -205,6 +232,59 @@ def _client_main(args: argparse.Namespace) -> int:
         except (OSError, ValueError, AttributeError):
             pass
         return 0
+
+
+def _export_main(args: argparse.Namespace) -> int:
+    """`hoshikage export litellm`: read every daemon, then print one config."""
+    from .client import AdminClient, ClientError, Unreachable
+    from .export import ExportError, litellm_config, node_from_answers
+
+    if args.url:
+        urls = list(args.url)
+    else:
+        try:
+            urls = [daemon_url(None, args.config, os.environ)]
+        except ConfigError as e:
+            for line in e.problems:
+                print(f"hoshikage: config error: {line}", file=sys.stderr)
+            return 2
+    for url in urls:
+        if not _valid_url(url):
+            print(f"hoshikage: export: invalid --url {url!r}: expected http://HOST:PORT, as LiteLLM will reach the daemon",
+                  file=sys.stderr)
+            return 2
+    api_key = args.api_key or os.environ.get(ENV_API_KEY) or None
+    admin_key = args.admin_key or api_key
+    nodes = []
+    try:
+        for url in urls:
+            with AdminClient(url, admin_key) as admin, AdminClient(url, api_key) as api:
+                status = admin.status()
+                models = admin.models()
+                served = api.served_names()
+                shows = {m["name"]: api.show(m["name"]) for m in models
+                         if m.get("configured", True) and m["name"] in served}
+            nodes.append(node_from_answers(url, admin_models=models, served=served, shows=shows,
+                                           version=status.get("version"), needs_key=api_key is not None))
+        text = litellm_config(nodes, provider=args.provider, key_env=args.key_env, prefer_warm=args.prefer_warm)
+    except ClientError as e:
+        where = "" if isinstance(e, Unreachable) else f"{url}: "
+        print(f"hoshikage: export: {where}{e}", file=sys.stderr)
+        return 1
+    except ExportError as e:
+        print(f"hoshikage: export: {e}", file=sys.stderr)
+        return 1
+    if args.output:
+        try:
+            tmp = Path(args.output + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(args.output)
+        except OSError as e:
+            print(f"hoshikage: export: cannot write --output {args.output!r}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _out(text: str) -> None:

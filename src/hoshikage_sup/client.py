@@ -140,6 +140,18 @@ class AdminClient:
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/admin/status")
 
+    def served_names(self) -> list[str]:
+        """Every name the OpenAI API serves (`GET /v1/models`): models and aliases."""
+        data = self._call("GET", "/v1/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ClientError(f"{self.url} answered /v1/models without a 'data' list: is it a hoshikage daemon?")
+        return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def show(self, name: str) -> dict[str, Any]:
+        """Ollama's `POST /api/show` for one model: its parameters and GGUF metadata."""
+        return self._call("POST", "/api/show", json={"model": name})
+
     def models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/admin/models")["models"]
 

@@ -90,9 +90,14 @@ class ModelCoolingDown(HoshikageError):
 
 
 class ShuttingDown(HoshikageError):
+    """The daemon is draining before it exits.  A router in front of several
+    daemons (LiteLLM) reads Retry-After as how long to leave this one alone;
+    without it, it would fall back to its own default."""
+
     status = 503
     kind = "server_busy"
     code = "shutting_down"
+    retry_after = 30  # seconds: about as long as a drain (shutdown_timeout) and a restart take
 
 
 class ModelLoadError(HoshikageError):
