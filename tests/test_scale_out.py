@@ -273,9 +273,11 @@ async def test_litellm_in_front_of_two_supervisors_with_the_demo_model(http, pro
 
     seen = Counter()
     for _ in range(6):
-        status, dep, _, body = await through(http, url, "gemma3:270m", max_tokens=8)
+        status, dep, _, body = await through(http, url, "gemma3:270m", max_tokens=8,
+                                             messages=[{"role": "user", "content": "Name three stars."}])
         assert status == 200, body
-        assert body["choices"][0]["message"]["content"].strip(), body
+        assert body["object"] == "chat.completion" and isinstance(body["choices"][0]["message"]["content"], str), body
+        assert body["usage"]["prompt_tokens"] > 0, body  # the demo model's own tokenizer counted the prompt
         seen[dep] += 1
     assert set(seen) <= {deployment(url_a, "gemma"), deployment(url_b, "gemma")}
     async with http.post(url + "/v1/embeddings", json={"model": "gemma-embed", "input": ["a star", "a planet"]}) as r:
