@@ -70,6 +70,8 @@ class FakeProcess:
         self.returncode: int | None = None
         self.on_exit = None
         self.stopped = False
+        self.load_path: str | None = None  # set by RAM staging
+        self.thread_budget: str | None = None  # set for fair-share runners
 
     async def start(self, load_timeout: float = 300.0) -> None:
         await asyncio.sleep(0)
