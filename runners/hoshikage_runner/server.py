@@ -29,6 +29,7 @@ from llama_cpp.server.settings import ModelSettings, ServerSettings
 from pydantic import ValidationError
 
 from hoshikage_runner import guards, threads
+from hoshikage_runner import fastpath
 from hoshikage_runner import rpc
 from hoshikage_runner.lifeline import fail
 
@@ -254,6 +255,7 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
     remove_doc_routes(app)
     add_health_route(app, model.model_alias or model.model)
     guards.install(app)  # request errors before and during streams, embedding limits, grammars
+    fastpath.install(app)  # plain streamed completions and chats without llama_cpp's per-token overhead
     return app
 
 
