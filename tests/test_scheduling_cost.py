@@ -19,7 +19,7 @@ import pytest
 
 from hoshikage_sup.config import parse_config
 from hoshikage_sup.devices import ManualClock
-from hoshikage_sup.scheduler import RunnerOptions, Scheduler
+from hoshikage_sup.scheduler import LOAD_WAITS, RunnerOptions, Scheduler
 from test_expiry import FakeProcess, FakeTimer, YesPlanner
 
 
@@ -177,7 +177,7 @@ class FullWalk(Scheduler):
                 self._dequeue(p)
                 continue
             try:
-                if not self._decide(p, loads_blocked):
+                if self._decide(p, loads_blocked) == LOAD_WAITS:
                     loads_blocked = True
             except Exception as e:  # noqa: BLE001
                 self._fail_pending(p, e)

@@ -50,6 +50,11 @@ from .pool import Replica, ReplicaState, RunnerPool, SpawnFn, runner_spec
 
 log = get_logger("hoshikage.scheduler")
 
+# What deciding for one waiting request came to (Scheduler._decide).
+DECIDED = 0  # served, failed, or something started: the next request must be looked at
+WAITS = 1  # it waits, and so would every request like it behind it
+LOAD_WAITS = 2  # it waits for a load that cannot start yet: later loads wait behind it
+
 
 
 # ------------------------------------------------------------------ options
@@ -90,7 +95,7 @@ class RunnerOptions:
         differs and ours is the larger: a smaller num_ctx fits in a larger
         context, and reloading for it is the thrashing Ollama users know
         (ollama#12783)."""
-        if self == wanted:
+        if self is wanted or self == wanted:
             return True
         return (
             wanted.n_ctx > 0
@@ -728,7 +733,7 @@ class Scheduler:
         soon as the rest of its queue would only wait: its first request
         that waits for a busy or loading runner, a draining model or a load
         that cannot start yet stands for all the others asking for the same
-        runner options (`_rest_waits`).  What those others would have done
+        runner options (`_decide` says WAITS).  What those others would have done
         while waiting (set the session from their keep_alive, note when a
         load for them began) is done for all of them at once
         (`_settle_rest`).  Models that are not loaded join the walk one at a
@@ -792,13 +797,13 @@ class Scheduler:
                     # One request's decision can never poison the pass: whatever
                     # goes wrong while deciding for it fails that request alone.
                     try:
-                        if not self._decide(p, loads_blocked):
-                            loads_blocked = True
-                        rest_waits = p.queued and self._rest_waits(p, loads_blocked)
+                        outcome = self._decide(p, loads_blocked)
                     except Exception as e:  # noqa: BLE001 - a bug or an absurd input: isolate it
                         self._fail_pending(p, e)
-                        rest_waits = False
-                    if rest_waits:
+                        outcome = DECIDED
+                    if outcome == LOAD_WAITS:
+                        loads_blocked = True
+                    if outcome != DECIDED and p.queued:
                         q = queues.get(name)
                         if q is not None and q.uniform:
                             nxt = self._settle_rest(name, q, p)
@@ -846,28 +851,6 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - keep the other slots going
                 self.counters["scheduling_errors"] += 1
                 log.exception("scheduling error on a loaded model", model=slot.name)
-
-    def _rest_waits(self, p: Pending, loads_blocked: bool) -> bool:
-        """`p` was decided and still waits: would a request just like it (same
-        model and runner options, not load-only) only wait too, changing
-        nothing but what `_settle_rest` does?"""
-        if p.load_only:
-            return False
-        slot = self.slots.get(p.model.name)
-        if slot is None:
-            if loads_blocked:
-                return True
-            # A crash backoff (not a cooldown): no load before it ends.
-            health = self.health.get(p.model.name)
-            return (health is not None and health.retry_at > time.monotonic()
-                    and not policy.in_cooldown(health.load_failures))
-        if slot.draining:
-            return True  # waits for the slot to go; _maybe_stop has run for it
-        if not slot.options.serves(p.options):
-            return False
-        # No replica free for it; one more was started if it could be (a second
-        # try in the same pass would meet the same memory).
-        return self._pick_replica(slot) is None
 
     def _settle_rest(self, name: str, q: ModelQueue, p: Pending) -> Pending | None:
         """The requests of `q` after `p` (which waits) would each only wait in
@@ -963,13 +946,17 @@ class Scheduler:
             p.keep_alive_change = False
             self._enqueue(p, p.seq)
 
-    def _decide(self, p: Pending, loads_blocked: bool) -> bool:
+    def _decide(self, p: Pending, loads_blocked: bool) -> int:
         """Every decision the state allows for one pending request.  Returns
-        False when a load had to wait, so later loads wait behind it."""
-        slot = self.slots.get(p.model.name)
+        LOAD_WAITS when a load had to wait, so later loads wait behind it;
+        WAITS when `p` waits and a request just like it behind it (same
+        model and runner options, not load-only) would only wait too;
+        otherwise DECIDED (served, failed, a load started: look at the next)."""
+        name = p.model.name
+        slot = self.slots.get(name)
         if slot is not None and slot.draining:
             self._maybe_stop(slot)
-            return True
+            return WAITS if self.slots.get(name) is slot else DECIDED  # gone: the next one may load it
         if slot is not None and not slot.options.serves(p.options):
             # Runner options differ (for example num_ctx): reload after it
             # drains, but only for options that can run at all: a request whose
@@ -978,29 +965,35 @@ class Scheduler:
                 # Still loading, for the requests ahead of this one: reload once
                 # it has served them (draining it now would load it again for
                 # them next, and again for this one, for ever).
-                return True
+                return DECIDED
             if self._options_fail(p):
-                return True
+                return DECIDED
             self.counters["reloads"] += 1
             self._drain(slot, "reload")
-            return True
+            return WAITS if self.slots.get(name) is slot else DECIDED
         if slot is not None:
             self._apply_keep_alive(slot, p)
             if p.load_started is None and slot.loading:
                 p.load_started = time.monotonic()
             if p.load_only and slot.ready:
                 self._grant(p, None)
-                return True
+                return DECIDED
             r = self._pick_replica(slot)
             if r is not None:
                 self._grant(p, r)
-                return True
+                return DECIDED
+            # No replica free; one more is started if it can be (a second try
+            # in the same pass would meet the same memory).
             if not loads_blocked and self._want_replica(slot):
                 self._scale_up(slot, p)
-            return True
+            return DECIDED if p.load_only else WAITS
         if loads_blocked:
-            return True
-        return self._try_load(p)
+            return WAITS
+        if not self._try_load(p):
+            return LOAD_WAITS
+        if p.queued and name not in self.slots:
+            return WAITS  # a crash backoff: no load before it ends (see _restart)
+        return DECIDED
 
     def _options_fail(self, p: Pending) -> bool:
         """Fail `p` (and the requests that ask for the same options) when a
@@ -1031,7 +1024,10 @@ class Scheduler:
             p.future.set_exception(error)
 
     def _pick_replica(self, slot: Slot) -> Replica | None:
-        return policy.pick_replica([(r, _load_of(r)) for r in slot.replicas])
+        replicas = slot.replicas
+        if len(replicas) == 1:  # nothing to choose between
+            return replicas[0] if replicas[0].available else None
+        return policy.pick_replica([(r, _load_of(r)) for r in replicas])
 
     def _grant(self, p: Pending, r: Replica | None) -> None:
         """Hand `p` a lease; it leaves the queue."""
@@ -1055,7 +1051,10 @@ class Scheduler:
             slot.session = p.keep_alive
 
     def _want_replica(self, slot: Slot) -> bool:
-        return policy.wants_another_replica([_load_of(r) for r in slot.live_replicas()], slot.model.parallel, slot.loading)
+        live = slot.live_replicas()
+        if len(live) >= slot.model.parallel:  # policy's first answer, without building its input
+            return False
+        return policy.wants_another_replica([_load_of(r) for r in live], slot.model.parallel, slot.loading)
 
     # ------------------------------------------------------------ loading
 
