@@ -3,8 +3,8 @@
 Shapes are checked against the fields Ollama documents and its python client
 parses (ollama/_types.py); the client itself (`ollama.AsyncClient`) also reads
 a few answers here.  What the layer sends to a runner is observed by wrapping
-the gateway's HTTP session (`Recorder`), which can also add the fake runner's
-per-request `"fake"` instructions to the body.
+the gateway's call to a runner (`Recorder`), which can also add the fake
+runner's per-request `"fake"` instructions to the body.
 """
 
 from __future__ import annotations
@@ -38,24 +38,24 @@ MODELS = {
 
 
 class Recorder:
-    """Wraps each runner's `post` (the gateway's call to a runner): records
+    """Wraps `Gateway.post_to_runner` (the gateway's call to a runner): records
     (path, body) of every runner call and merges `inject` into the body as `"fake"`."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.inject: dict[str, Any] = {}
 
-    def wrap(self, process: Any) -> None:
-        """A FakeSpawner `on_spawn` hook."""
-        original = process.post
+    def wrap(self, gateway: Any) -> None:
+        original = gateway.post_to_runner
 
-        async def post(path: str, *, json: dict[str, Any], **kw: Any):
-            self.calls.append((path, copy.deepcopy(json)))
+        async def post(process: Any, path: str, body: bytes, **kw: Any):
+            sent = json.loads(body)
+            self.calls.append((path, copy.deepcopy(sent)))
             if self.inject:
-                json = {**json, "fake": self.inject}
-            return await original(path, json=json, **kw)
+                body = json.dumps({**sent, "fake": self.inject}).encode()
+            return await original(process, path, body, **kw)
 
-        process.post = post
+        gateway.post_to_runner = post
 
     def last(self) -> tuple[str, dict[str, Any]]:
         return self.calls[-1]
@@ -71,7 +71,7 @@ async def http():
 async def srv(make_server):
     handle = await make_server(MODELS)
     handle.recorder = Recorder()
-    handle.spawner.on_spawn = handle.recorder.wrap
+    handle.recorder.wrap(handle.gateway)
     return handle
 
 

@@ -5,6 +5,9 @@ Every API layer (OpenAI, Ollama, admin) turns its request into an
 scheduler (queueing and loading included), the HTTP call to the runner, the
 retry of requests that never reached a runner that died, and the release of
 the lease however the request ends.  The layers only translate shapes.
+
+The call to the runner goes through `upstream.RunnerConnections`, kept
+per runner process: pooled keep-alive connections over its Unix socket.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -24,6 +28,7 @@ from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, Ups
 from .logs import get_logger
 from .process import describe_returncode
 from .scheduler import Lease, RunnerOptions, Scheduler
+from .upstream import Exchange, RunnerConnections, RunnerResponse
 
 log = get_logger("hoshikage.gateway")
 
@@ -46,13 +51,17 @@ class InferenceRequest:
     keep_alive: float | None = None  # seconds; None leaves the session unchanged
     runner_options: Mapping[str, Any] | None = None  # e.g. {"n_ctx": 4096}
     truncate: bool = False  # embeddings: cut inputs longer than the context instead of a 400
+    # `body` already encoded, sent as it is: the API layer vouches that it is
+    # `body` with `model` naming the configured model (the OpenAI layer passes
+    # a client's own bytes on when checking them changed nothing).
+    raw: bytes | None = None
 
 
 @dataclass
 class Upstream:
     """An open response from a runner.  Valid inside `Gateway.open()` only."""
 
-    response: aiohttp.ClientResponse
+    response: RunnerResponse
     lease: Lease
     model: ModelConfig
     stall_timeout: float | None = None  # seconds without a byte before the stream is given up
@@ -89,14 +98,14 @@ class Upstream:
         runner that sends nothing for stall_timeout is wedged: the request
         fails with a 504 and the runner is replaced.  One timer, pushed back
         by each chunk, watches for that (no task per chunk on the hot path)."""
-        content = self.response.content
+        readany = self.response.readany
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(None) as deadline:
                 while True:
                     if self.stall_timeout is not None:
                         deadline.reschedule(loop.time() + self.stall_timeout)
-                    chunk = await content.readany()
+                    chunk = await readany()
                     if not chunk:
                         return
                     # Off while the caller has the chunk: only the runner's silence
@@ -165,7 +174,19 @@ class Gateway:
     def __init__(self, config: Config, scheduler: Scheduler):
         self.config = config
         self.scheduler = scheduler
-        self._detached: set[asyncio.Task] = set()  # requests whose client left before the runner answered
+        # Each runner process's connections, gone with the process object.
+        self._connections: weakref.WeakKeyDictionary[Any, RunnerConnections] = weakref.WeakKeyDictionary()
+        # Each model's default runner options, made once per config of it.
+        self._defaults: dict[str, tuple[ModelConfig, RunnerOptions]] = {}
+
+    def options(self, model: ModelConfig, overrides: Mapping[str, Any] | None = None) -> RunnerOptions:
+        """The runner options a request for `model` asks for (`overrides`: e.g. {"n_ctx": 4096})."""
+        if overrides:
+            return RunnerOptions.for_model(model, overrides)
+        cached = self._defaults.get(model.name)
+        if cached is None or cached[0] is not model:
+            cached = self._defaults[model.name] = (model, RunnerOptions.for_model(model))
+        return cached[1]
 
     def resolve(self, name: Any) -> ModelConfig:
         if not isinstance(name, str) or not name:
@@ -175,6 +196,16 @@ class Gateway:
             raise ModelNotFound(name)
         return model
 
+    async def post_to_runner(self, process: Any, path: str, body: bytes, *,
+                             headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Exchange:
+        """The one call to a runner: POST `body` (JSON) to `path` on one of its
+        pooled connections.  Returns once the request is sent; its `head`
+        resolves with the response.  (Tests wrap it to see what is sent.)"""
+        connections = self._connections.get(process)
+        if connections is None:
+            connections = self._connections[process] = RunnerConnections(process)
+        return await connections.post(path, body, headers=headers, timeout=timeout)
+
     @contextlib.asynccontextmanager
     async def open(self, req: InferenceRequest) -> AsyncIterator[Upstream]:
         model = self.resolve(req.model)
@@ -183,33 +214,38 @@ class Gateway:
                 f"model '{model.name}' does not serve embeddings (set embedding = true in its [models.{model.name}] table)",
                 param="model",
             )
-        options = RunnerOptions.for_model(model, req.runner_options)
-        body = dict(req.body)
-        body["model"] = model.name
-        timeout = aiohttp.ClientTimeout(
-            total=self.config.server.request_timeout or None, sock_connect=10
-        )
+        options = self.options(model, req.runner_options)
+        payload = req.raw
+        if payload is None:
+            body = req.body if req.body.get("model") == model.name else {**req.body, "model": model.name}
+            payload = json.dumps(body, separators=(",", ":")).encode()
+        stream = bool(req.body.get("stream"))
+        timeout = self.config.server.request_timeout or None
         path = UPSTREAM_PATHS[req.kind]
         headers = {"X-Hoshikage-Truncate": "true"} if req.truncate else None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             lease = await self.scheduler.acquire(model, options, req.keep_alive)
-            dead_before = lease.replica.process.returncode is not None
-            # Each runner has its own session: its Unix socket, its secret.
-            post = asyncio.ensure_future(lease.replica.process.post(path, json=body, timeout=timeout, headers=headers))
+            process = lease.replica.process
+            dead_before = process.returncode is not None
+            exchange: Exchange | None = None
             try:
-                response = await asyncio.shield(post)
+                exchange = await self.post_to_runner(process, path, payload, headers=headers, timeout=timeout)
+                response = await exchange.head
             except asyncio.CancelledError:
                 # The client went away before the runner answered.  A stream
                 # stops when its connection closes; a non-streaming generation
                 # runs to its end inside the runner whatever we do, so the
                 # runner stays leased until it has really finished.
-                if body.get("stream"):
-                    post.cancel()
-                    self.scheduler.release(lease)
+                if exchange is not None and not stream:
+                    self._hold_until_done(exchange, lease)
                 else:
-                    self._hold_until_done(post, lease)
+                    if exchange is not None:
+                        exchange.abort()
+                    self.scheduler.release(lease)
                 raise
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if exchange is not None:
+                    exchange.abort()
                 self.scheduler.release(lease)
                 if isinstance(e, asyncio.TimeoutError) and lease.alive:
                     raise UpstreamTimeout(f"request to model '{model.name}' exceeded request_timeout") from e
@@ -227,6 +263,11 @@ class Gateway:
                     log.warning("runner unreachable, retrying on a fresh runner", model=model.name, attempt=attempt, error=str(e))
                     continue
                 raise RunnerFailed(_runner_failure_message(lease, e)) from e
+            except BaseException:
+                if exchange is not None:
+                    exchange.abort()
+                self.scheduler.release(lease)
+                raise
             try:
                 yield Upstream(response=response, lease=lease, model=model,
                                stall_timeout=self.config.server.stall_timeout, on_stall=self.scheduler.pool.kill_wedged)
@@ -235,28 +276,17 @@ class Gateway:
                 self.scheduler.release(lease)
             return
 
-    def _hold_until_done(self, post: "asyncio.Future[aiohttp.ClientResponse]", lease: Lease) -> None:
-        async def finish() -> None:
-            try:
-                response = await post
-                with contextlib.suppress(Exception):
-                    await response.read()
-                response.close()
-            except Exception:  # the runner died or timed out: the lease goes back all the same
-                pass
-            finally:
-                self.scheduler.release(lease)
-
-        task = asyncio.ensure_future(finish())
-        self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
+    def _hold_until_done(self, exchange: Exchange, lease: Lease) -> None:
+        """The client left; the runner finishes the generation anyway: its
+        lease goes back when the answer has arrived (read and dropped), or the
+        connection failed."""
+        exchange.close_when_done()
+        exchange.done.add_done_callback(lambda _: self.scheduler.release(lease))
 
     async def load(self, name: str, keep_alive: float | None = None, runner_options: Mapping[str, Any] | None = None) -> Lease:
         """Load a model without sending it a request (Ollama's empty prompt)."""
         model = self.resolve(name)
-        lease = await self.scheduler.acquire(
-            model, RunnerOptions.for_model(model, runner_options), keep_alive, load_only=True
-        )
+        lease = await self.scheduler.acquire(model, self.options(model, runner_options), keep_alive, load_only=True)
         self.scheduler.release(lease)
         return lease
 

@@ -556,13 +556,18 @@ async def read_body(request: web.BaseRequest, *, max_size: int, body_timeout: fl
     parts: list[bytes] = []
     raw_seen = 0
     while True:
-        left = deadline - loop.time()
-        wait = min(body_timeout, left)
         try:
-            if wait <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(wait):
-                chunk = await content.readany()
+            if content.is_eof():
+                # All of it has arrived (a small body comes with the head):
+                # nothing to wait for, so no timer.
+                chunk = content.read_nowait()
+            else:
+                left = deadline - loop.time()
+                wait = min(body_timeout, left)
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
+                    chunk = await content.readany()
         except TimeoutError:
             _close_connection(request)
             if wait < body_timeout:

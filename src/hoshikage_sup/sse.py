@@ -2,7 +2,10 @@
 
 `split` cuts a byte stream into whole events without re-serialising them, so
 a proxy can pass each one on as it came and still see which is the last
-(`[DONE]`) or an error, and `frame` writes one event of our own.
+(`[DONE]`) or an error, and `frame` writes one event of our own.  `runs` does
+the same a read at a time: the whole events that one read completed, as one
+piece of bytes, looked at one by one only when they may hold the end or an
+error.
 """
 
 from __future__ import annotations
@@ -31,6 +34,38 @@ async def split(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, byte
             event, buf = buf.split(b"\n\n", 1)
             lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
             yield event + b"\n\n", (b"\n".join(lines).strip() if lines else None)
+
+
+async def runs(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, list[tuple[bytes, bytes | None]] | None]]:
+    """(run, events) for each read that completes events: `run` is those
+    whole events' bytes (CRLF normalised to LF, as `split` gives them), and
+    `events` is None when none of them can be `[DONE]` or an error (neither
+    appears in the bytes), else each event as `split` gives it.  Bytes
+    identical to `split`'s events, joined; a partial event at the end of the
+    stream is dropped."""
+    buf = b""
+    async for chunk in chunks:
+        buf = (buf + chunk).replace(b"\r\n", b"\n")
+        parts = buf.split(b"\n\n")
+        if len(parts) == 1:
+            continue
+        rest = parts[-1]
+        run = buf[: len(buf) - len(rest)]
+        buf = rest
+        if DONE in run or b'"error"' in run:
+            yield run, [_event(e) for e in parts[:-1]]
+        else:
+            yield run, None
+
+
+def events_of(run: bytes) -> list[tuple[bytes, bytes | None]]:
+    """The events of a run (see `runs`), as `split` gives them."""
+    return [_event(e) for e in run.split(b"\n\n")[:-1]]
+
+
+def _event(event: bytes) -> tuple[bytes, bytes | None]:
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return event + b"\n\n", (b"\n".join(lines).strip() if lines else None)
 
 
 def frame(obj: Any) -> bytes:

@@ -39,11 +39,16 @@ def ctx(request: web.Request) -> Context:
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request's body as a JSON object, read within the configured size
     and time limits and decoded strictly (see `httpguard`)."""
+    return (await read_json_raw(request))[1]
+
+
+async def read_json_raw(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """`read_json`, with the body's bytes (decoded from any Content-Encoding)."""
     server = ctx(request).config.server
     raw = await read_body(
         request, max_size=server.max_body_size, body_timeout=server.body_timeout, body_deadline=server.body_deadline
     )
-    return parse_json_object(raw)
+    return raw, parse_json_object(raw)
 
 
 def vocab_size(model: ModelConfig) -> int | None:

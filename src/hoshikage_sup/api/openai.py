@@ -4,8 +4,10 @@
 Bodies are validated at the edge (`validation.py`), then go to the runner
 as they are (llama_cpp.server speaks this API), with `model` rewritten to the
 configured name and our own `keep_alive` (and, for embeddings, `truncate`)
-taken out.  Streamed events are passed through as they arrive, each whole
-event as the runner wrote it; runner errors are re-wrapped in OpenAI's shape.
+taken out; a body that checking leaves as it was (the usual case) goes on as
+the very bytes the client sent.  Streamed events are passed through as they
+arrive, as the runner wrote them; runner errors are re-wrapped in OpenAI's
+shape.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from aiohttp import web
 from .. import sse, validation
 from ..errors import HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest, Upstream
-from .common import ctx, keep_alive_of, read_json, vocab_size
+from .common import ctx, keep_alive_of, read_json_raw, vocab_size
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -31,7 +33,8 @@ def error_body(e: HoshikageError) -> dict:
 
 
 async def _proxy(request: web.Request, kind: str) -> web.StreamResponse:
-    body = await read_json(request)
+    raw, body = await read_json_raw(request)
+    fields = len(body)
     name = validation.model_name(body.get("model"))
     keep_alive = keep_alive_of(body)
     # Ollama's `truncate`, accepted here too: an input over the context is a
@@ -47,11 +50,15 @@ async def _proxy(request: web.Request, kind: str) -> web.StreamResponse:
     if "grammar" in body or "response_format" in body:
         # Checking a grammar (or building one from a schema) can take a good
         # fraction of a second for a hostile one: not on the event loop.
-        body = await asyncio.to_thread(validation.openai_body, kind, body, model, vocab)
+        checked = await asyncio.to_thread(validation.openai_body, kind, body, model, vocab)
     else:
-        body = validation.openai_body(kind, body, model, vocab)
-    stream = validation.flag(body, "stream")
-    req = InferenceRequest(model=name, kind=kind, body=body, keep_alive=keep_alive, truncate=truncate)
+        checked = validation.openai_body(kind, body, model, vocab)
+    stream = validation.flag(checked, "stream")
+    # Nothing taken out, the configured name, nothing normalised: the client's
+    # bytes go to the runner as they are (no second encoding of the body).
+    same = name == model.name and len(checked) == fields and checked == body
+    req = InferenceRequest(model=name, kind=kind, body=checked, keep_alive=keep_alive, truncate=truncate,
+                           raw=raw if same else None)
     async with gateway.open(req) as up:
         if up.status >= 400:
             raise runner_error(up.status, await up.read(), model.name)
@@ -69,14 +76,21 @@ async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
     answered with the proper status and a JSON error, not a 200.  Once the
     stream has started, any failure ends it with an error event in OpenAI's
     shape followed by `data: [DONE]`, so clients never mistake a cut stream
-    for a finished one.
+    for a finished one.  In between, what a read from the runner completed
+    is written on in one piece, as it came (`sse.runs`); only a piece that
+    may hold the end or an error is looked at event by event.
     """
     name = up.model.name
-    events = sse.split(up.iter_raw())
-    first = None
-    async for raw, data in events:  # a HoshikageError here is answered with its status
-        if data is not None:
-            first = raw, data
+    runs = sse.runs(up.iter_raw())
+    first: tuple[bytes, bytes] | None = None
+    rest: list[tuple[bytes, bytes | None]] = []
+    async for run, events in runs:  # a HoshikageError here is answered with its status
+        events = events if events is not None else sse.events_of(run)
+        for i, (raw, data) in enumerate(events):
+            if data is not None:
+                first, rest = (raw, data), events[i + 1:]
+                break
+        if first is not None:
             break
     if first is None or first[1] == sse.DONE:
         raise RunnerFailed(f"runner for model '{name}' ended the stream without sending anything")
@@ -85,23 +99,42 @@ async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
         raise event_error(err, name)
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await resp.prepare(request)
-    await resp.write(first[0])
     try:
-        async for raw, data in events:
-            if data == sse.DONE:
-                await resp.write(raw)
-                break
-            err = sse.is_error(data) if data is not None else None
-            if err is not None:
-                await resp.write(sse.frame(error_body(event_error(err, name))) + sse.DONE_EVENT)
-                break
-            await resp.write(raw)
-        else:
-            raise RunnerFailed(f"runner for model '{name}' ended the stream before finishing")
+        finished = await _write_events(resp, [first, *rest], name)
+        if not finished:
+            async for run, events in runs:
+                if events is None:
+                    await resp.write(run)
+                elif await _write_events(resp, events, name):
+                    break
+            else:
+                raise RunnerFailed(f"runner for model '{name}' ended the stream before finishing")
     except HoshikageError as e:
         await resp.write(sse.frame(error_body(e)) + sse.DONE_EVENT)
     await resp.write_eof()
     return resp
+
+
+async def _write_events(resp: web.StreamResponse, events: list[tuple[bytes, bytes | None]], name: str) -> bool:
+    """Write events as they are, up to the end (`[DONE]`) or an error, which
+    becomes an error event in OpenAI's shape and `[DONE]`; True if the
+    stream is over."""
+    out = []
+    over = False
+    for raw, data in events:
+        if data == sse.DONE:
+            out.append(raw)
+            over = True
+            break
+        err = sse.is_error(data) if data is not None else None
+        if err is not None:
+            out.append(sse.frame(error_body(event_error(err, name))) + sse.DONE_EVENT)
+            over = True
+            break
+        out.append(raw)
+    if out:
+        await resp.write(b"".join(out))
+    return over
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
