@@ -20,7 +20,7 @@ import pytest
 
 from hoshikage_sup import sse, upstream
 from hoshikage_sup.process import RunnerGone
-from hoshikage_sup.upstream import RunnerConnections, RunnerUnreachable
+from hoshikage_sup.upstream import RunnerConnections, RunnerStalled, RunnerUnreachable
 
 
 class FakeProcess:
@@ -43,6 +43,7 @@ class Peer:
         self.answers: list[list[bytes | None]] = []
         self.requests: list[bytes] = []
         self.connections = 0
+        self.pause = 0.0  # seconds a b"PAUSE" piece waits
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> "Peer":
@@ -64,6 +65,9 @@ class Peer:
                     if piece is None:
                         writer.close()
                         return
+                    if piece == b"PAUSE":
+                        await asyncio.sleep(self.pause)
+                        continue
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0.001)
@@ -217,6 +221,30 @@ async def test_a_slow_reader_pauses_the_runner(peer):
     assert conn._buffered <= upstream.HIGH_WATER + 256 * 1024  # noqa: SLF001 - at most one read past it
     got = await response.read()
     assert got == big
+    response.close()
+
+
+async def test_only_waiting_on_a_silent_runner_is_a_stall(peer):
+    conns = RunnerConnections(FakeProcess(peer.path))
+    # Silent for 0.3 s between two chunks, while the reader is busy elsewhere for 0.6 s: no stall.
+    peer.answers = [[chunked(b"a", b"b")[:-13], b"PAUSE", chunked(b"a", b"b")[-13:]]]
+    peer.pause = 0.3
+    ex = await conns.post("/v1/completions", b"{}")
+    response = await ex.head
+    response.watch_stall(0.45)
+    assert await response.readany() == b"a"
+    await asyncio.sleep(0.6)
+    assert await response.read() == b"b"
+    response.close()
+    # Silent for longer than the stall timeout while the reader waits: a stall.
+    peer.answers = [[chunked(b"a", b"b")[:-13], b"PAUSE", chunked(b"a", b"b")[-13:]]]
+    peer.pause = 2.0
+    ex = await conns.post("/v1/completions", b"{}")
+    response = await ex.head
+    response.watch_stall(0.3)
+    assert await response.readany() == b"a"
+    with pytest.raises(RunnerStalled):
+        await response.readany()
     response.close()
 
 

@@ -28,7 +28,7 @@ from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, Ups
 from .logs import get_logger
 from .process import describe_returncode
 from .scheduler import Lease, RunnerOptions, Scheduler
-from .upstream import Exchange, RunnerConnections, RunnerResponse
+from .upstream import Exchange, RunnerConnections, RunnerResponse, RunnerStalled
 
 log = get_logger("hoshikage.gateway")
 
@@ -95,46 +95,50 @@ class Upstream:
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
         """Bytes exactly as the runner sends them, as soon as they arrive.  A
-        runner that sends nothing for stall_timeout is wedged: the request
-        fails with a 504 and the runner is replaced.  One timer, pushed back
-        by each chunk, watches for that (no task per chunk on the hot path)."""
-        readany = self.response.readany
-        loop = asyncio.get_running_loop()
+        runner that sends nothing for stall_timeout while we wait for it is
+        wedged: the request fails with a 504 and the runner is replaced.
+        (Only the runner's silence counts, not a client that is slow to take
+        what we send; one timer per response watches, see upstream.py.)"""
+        response = self.response
+        response.watch_stall(self.stall_timeout)
+        readany = response.readany
         try:
-            async with asyncio.timeout(None) as deadline:
-                while True:
-                    if self.stall_timeout is not None:
-                        deadline.reschedule(loop.time() + self.stall_timeout)
-                    chunk = await readany()
-                    if not chunk:
-                        return
-                    # Off while the caller has the chunk: only the runner's silence
-                    # counts, not a client that is slow to take what we send.
-                    deadline.reschedule(None)
-                    yield chunk
-        except aiohttp.ClientError as e:
-            raise await self._failure_seen(e) from e
-        except TimeoutError as e:
-            if self.stall_timeout is None or not deadline.expired():
-                raise self._failure(e) from e  # the overall request_timeout, not a stall
+            while True:
+                chunk = await readany()
+                if not chunk:
+                    return
+                yield chunk
+        except RunnerStalled:
             why = f"stall: sent nothing for {self.stall_timeout:g} s (stall_timeout)"
             if self.on_stall is not None:
                 self.on_stall(self.lease.replica, why)
             raise UpstreamTimeout(
                 f"runner for model '{self.model.name}' {why[len('stall: '):]}; it is being replaced"
             ) from None
+        except aiohttp.ClientError as e:
+            raise await self._failure_seen(e) from e
+        except asyncio.TimeoutError as e:  # the overall request_timeout
+            raise self._failure(e) from e
 
     async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
         """Parsed server-sent events (`data: {...}`), ending at `[DONE]`."""
-        async for _, data in sse.split(self.iter_raw()):
-            if not data:
-                continue
-            if data == sse.DONE:
-                return
-            try:
-                yield json.loads(data)
-            except ValueError as e:
-                raise RunnerFailed(f"runner sent an invalid event: {data[:200]!r}") from e
+        raw = self.iter_raw()
+        events = sse.split(raw)
+        try:
+            async for _, data in events:
+                if not data:
+                    continue
+                if data == sse.DONE:
+                    return
+                try:
+                    yield json.loads(data)
+                except ValueError as e:
+                    raise RunnerFailed(f"runner sent an invalid event: {data[:200]!r}") from e
+        finally:
+            # Closed here, not by the garbage collector's hook (a thread-safe
+            # wake-up of the event loop for each stream).
+            await events.aclose()
+            await raw.aclose()
 
     def _failure(self, e: BaseException) -> HoshikageError:
         if isinstance(e, asyncio.TimeoutError):

@@ -29,7 +29,10 @@ alike: a connection that cannot be made is a `ClientConnectorError`
 (`RunnerUnreachable`; `process.RunnerGone` once the runner has exited), a
 connection lost before or during the response a `ServerDisconnectedError`
 or a `ClientPayloadError`, and `timeout` (the request's whole exchange) an
-`asyncio.TimeoutError`.
+`asyncio.TimeoutError`.  A response read with `watch_stall(seconds)` fails
+with `RunnerStalled` when the runner sends nothing for that long while the
+reader waits for it (time the reader spends elsewhere does not count); one
+timer per response, pushed back lazily, watches for that.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ class RunnerUnreachable(aiohttp.ClientConnectorError):
         return f"Cannot connect to unix socket {self.path} [{self.strerror}]"
 
 
+class RunnerStalled(Exception):
+    """The runner sent nothing for the stall timeout while the reader waited."""
+
+
 class RunnerResponse:
     """A runner's answer: status, headers (names in lower case) and the body as it arrives."""
 
@@ -100,6 +107,11 @@ class RunnerResponse:
         """The body bytes that have arrived (waiting for some), b"" at its end."""
         return await self._conn.readany(self._exchange)
 
+    def watch_stall(self, seconds: float | None) -> None:
+        """From now on, fail reads with `RunnerStalled` after `seconds` of
+        waiting without a byte from the runner (None: never)."""
+        self._exchange.stall = seconds
+
     async def read(self) -> bytes:
         """The whole body."""
         parts = []
@@ -117,13 +129,16 @@ class RunnerResponse:
 class Exchange:
     """One request and its response on one connection."""
 
-    __slots__ = ("conn", "head", "done", "error", "_timer", "_closed")
+    __slots__ = ("conn", "head", "done", "error", "stall", "waiting_since", "_timer", "_stall_timer", "_closed")
 
     def __init__(self, conn: "_Connection", loop: asyncio.AbstractEventLoop, timeout: float | None):
         self.conn = conn
         self.head: asyncio.Future[RunnerResponse] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self.error: BaseException | None = None  # why the exchange failed, once it has
+        self.stall: float | None = None  # see RunnerResponse.watch_stall
+        self.waiting_since: float | None = None  # loop time the reader began waiting for bytes
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._timer = loop.call_later(timeout, conn.timed_out, self) if timeout else None
 
@@ -132,6 +147,9 @@ class Exchange:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if not self.head.done():
             if exc is None:  # ended without a response: cannot happen with a complete head
                 exc = aiohttp.ServerDisconnectedError()
@@ -289,10 +307,29 @@ class _Connection(asyncio.Protocol):
                     raise exchange.error
                 return b""
             waiter = self._waiter = self.loop.create_future()
+            if exchange.stall is not None:
+                exchange.waiting_since = now = self.loop.time()
+                if exchange._stall_timer is None:  # noqa: SLF001
+                    exchange._stall_timer = self.loop.call_at(now + exchange.stall, self._stall_check, exchange)  # noqa: SLF001
             try:
                 await waiter
             finally:
                 self._waiter = None
+                exchange.waiting_since = None
+
+    def _stall_check(self, exchange: Exchange) -> None:
+        """The stall timer: due when the reader that was waiting then would have
+        waited `stall` seconds; it moves on to the wait under way, if any."""
+        exchange._stall_timer = None  # noqa: SLF001
+        since, stall = exchange.waiting_since, exchange.stall
+        if self.exchange is not exchange or since is None or stall is None:
+            return  # nobody waits: the next wait arms it again
+        due = since + stall
+        if self.loop.time() < due:
+            exchange._stall_timer = self.loop.call_at(due, self._stall_check, exchange)  # noqa: SLF001
+            return
+        self._fail(RunnerStalled(f"sent nothing for {stall:g} s"))
+        self.abort()
 
     def _wake(self) -> None:
         waiter = self._waiter

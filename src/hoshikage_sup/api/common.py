@@ -32,6 +32,15 @@ class Context:
 CONTEXT: web.AppKey[Context] = web.AppKey("hoshikage_context", Context)
 
 
+class StreamResponse(web.StreamResponse):
+    """aiohttp's StreamResponse, with its headers sent together with its
+    first bytes (as aiohttp's Response does) instead of in a write of their
+    own at `prepare`: a streamed answer's head and first event leave in one
+    packet, and `write_eof(data)` sends the last bytes with the end."""
+
+    _send_headers_immediately = False
+
+
 def ctx(request: web.Request) -> Context:
     return request.app[CONTEXT]
 

@@ -48,7 +48,7 @@ from ..errors import BadRequest, HoshikageError, RunnerFailed, event_error, runn
 from ..gateway import InferenceRequest
 from ..status import ReplicaStatus
 from . import ollama_shapes as shapes
-from .common import ctx, keep_alive_of, read_json
+from .common import StreamResponse, ctx, keep_alive_of, read_json
 
 NDJSON_HEADERS = {"Content-Type": shapes.NDJSON, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -164,12 +164,15 @@ class _Call:
         a failure before it (a prompt over the context, a runner that dies
         during prompt processing) is answered with its own status and a JSON
         error; after it, the failure is the stream's last line."""
-        resp = web.StreamResponse(status=200, headers=NDJSON_HEADERS)
+        resp = StreamResponse(status=200, headers=NDJSON_HEADERS)
 
-        async def write(obj: dict[str, Any]) -> None:
+        async def write(obj: dict[str, Any], *, last: bool = False) -> None:
             if not resp.prepared:
                 await resp.prepare(self.request)
-            await resp.write(_line(obj))
+            if last:
+                await resp.write_eof(_line(obj))  # the last line and the end in one write
+            else:
+                await resp.write(_line(obj))
 
         n = 0
         first = last = None
@@ -219,13 +222,12 @@ class _Call:
             final["prompt_eval_duration"] = max(0, (first or now) - t_sent)
             final["eval_count"] = eval_count
             final["eval_duration"] = max(0, (last or now) - (first or now))
-            await write(final)
+            await write(final, last=True)
         except HoshikageError as e:
             if not resp.prepared:
                 raise  # nothing sent yet: answered with its own status
             # Headers are gone: the failure is the last line, which clients raise.
-            await resp.write(_line({"error": e.message}))
-        await resp.write_eof()
+            await resp.write_eof(_line({"error": e.message}))
         return resp
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from .. import sse, validation
 from ..errors import HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest, Upstream
-from .common import ctx, keep_alive_of, read_json_raw, vocab_size
+from .common import StreamResponse, ctx, keep_alive_of, read_json_raw, vocab_size
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -78,63 +78,70 @@ async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
     shape followed by `data: [DONE]`, so clients never mistake a cut stream
     for a finished one.  In between, what a read from the runner completed
     is written on in one piece, as it came (`sse.runs`); only a piece that
-    may hold the end or an error is looked at event by event.
+    may hold the end or an error is looked at event by event.  The headers
+    leave with the first event and the end of the stream with the last.
     """
     name = up.model.name
-    runs = sse.runs(up.iter_raw())
-    first: tuple[bytes, bytes] | None = None
-    rest: list[tuple[bytes, bytes | None]] = []
-    async for run, events in runs:  # a HoshikageError here is answered with its status
-        events = events if events is not None else sse.events_of(run)
-        for i, (raw, data) in enumerate(events):
-            if data is not None:
-                first, rest = (raw, data), events[i + 1:]
-                break
-        if first is not None:
-            break
-    if first is None or first[1] == sse.DONE:
-        raise RunnerFailed(f"runner for model '{name}' ended the stream without sending anything")
-    err = sse.is_error(first[1])
-    if err is not None:
-        raise event_error(err, name)
-    resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    await resp.prepare(request)
+    raw = up.iter_raw()
+    runs = sse.runs(raw)
     try:
-        finished = await _write_events(resp, [first, *rest], name)
-        if not finished:
-            async for run, events in runs:
-                if events is None:
-                    await resp.write(run)
-                elif await _write_events(resp, events, name):
+        first: tuple[bytes, bytes] | None = None
+        rest: list[tuple[bytes, bytes | None]] = []
+        async for run, events in runs:  # a HoshikageError here is answered with its status
+            events = events if events is not None else sse.events_of(run)
+            for i, (event, data) in enumerate(events):
+                if data is not None:
+                    first, rest = (event, data), events[i + 1:]
                     break
-            else:
-                raise RunnerFailed(f"runner for model '{name}' ended the stream before finishing")
-    except HoshikageError as e:
-        await resp.write(sse.frame(error_body(e)) + sse.DONE_EVENT)
-    await resp.write_eof()
-    return resp
+            if first is not None:
+                break
+        if first is None or first[1] == sse.DONE:
+            raise RunnerFailed(f"runner for model '{name}' ended the stream without sending anything")
+        err = sse.is_error(first[1])
+        if err is not None:
+            raise event_error(err, name)
+        resp = StreamResponse(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        try:
+            out, over = _events_out([first, *rest], name)
+            if not over:
+                await resp.write(out)  # with the headers
+                async for run, events in runs:
+                    if events is None:
+                        await resp.write(run)
+                        continue
+                    out, over = _events_out(events, name)
+                    if over:
+                        break  # the last bytes go with the end
+                    await resp.write(out)
+                else:
+                    raise RunnerFailed(f"runner for model '{name}' ended the stream before finishing")
+        except HoshikageError as e:
+            out = sse.frame(error_body(e)) + sse.DONE_EVENT
+        await resp.write_eof(out)
+        return resp
+    finally:
+        # Closed here, not by the garbage collector's hook (a thread-safe
+        # wake-up of the event loop for each stream).
+        await runs.aclose()
+        await raw.aclose()
 
 
-async def _write_events(resp: web.StreamResponse, events: list[tuple[bytes, bytes | None]], name: str) -> bool:
-    """Write events as they are, up to the end (`[DONE]`) or an error, which
-    becomes an error event in OpenAI's shape and `[DONE]`; True if the
-    stream is over."""
+def _events_out(events: list[tuple[bytes, bytes | None]], name: str) -> tuple[bytes, bool]:
+    """The bytes to send for these events, as they came, up to the end
+    (`[DONE]`) or an error, which becomes an error event in OpenAI's shape
+    and `[DONE]`; and whether the stream is over."""
     out = []
-    over = False
-    for raw, data in events:
+    for event, data in events:
         if data == sse.DONE:
-            out.append(raw)
-            over = True
-            break
+            out.append(event)
+            return b"".join(out), True
         err = sse.is_error(data) if data is not None else None
         if err is not None:
             out.append(sse.frame(error_body(event_error(err, name))) + sse.DONE_EVENT)
-            over = True
-            break
-        out.append(raw)
-    if out:
-        await resp.write(b"".join(out))
-    return over
+            return b"".join(out), True
+        out.append(event)
+    return b"".join(out), False
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
