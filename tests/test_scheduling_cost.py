@@ -50,6 +50,24 @@ async def queue_up(sched: Scheduler, name: str, n: int, **kw: Any) -> list[async
     return tasks
 
 
+async def test_an_arrival_behind_a_waiting_queue_needs_no_pass(tmp_path):
+    sched = make_scheduler(tmp_path, {"m": {}})
+    lease = await sched.acquire(sched.config.models["m"])  # loads it; now its one runner is busy
+    tasks = await queue_up(sched, "m", 1)
+    passes = sched.stats["passes"]
+    tasks += await queue_up(sched, "m", 100)  # behind one that waits: they wait too
+    assert sched.stats["passes"] == passes and sched.queue_depth() == 101
+    tasks += await queue_up(sched, "m", 1, keep_alive=60.0)  # sets the session: a pass
+    assert sched.stats["passes"] == passes + 1 and sched.slots["m"].session == 60.0
+    sched.release(lease)
+    await settle()
+    assert tasks[0].done()
+    for t in tasks:
+        t.cancel()
+    await settle()
+    assert sched.invariants() == []
+
+
 def looks(sched: Scheduler) -> int:
     """Requests looked at by one more pass."""
     before = sched.stats["decisions"]
@@ -166,7 +184,11 @@ async def test_a_reload_waits_for_the_load_the_requests_ahead_asked_for(tmp_path
 
 
 class FullWalk(Scheduler):
-    """The pass as it was: look at every waiting request, in arrival order."""
+    """The pass as it was: a pass after every arrival, looking at every
+    waiting request in arrival order."""
+
+    def _arrive(self, p: Any, ahead: bool) -> bool:
+        return False
 
     def _walk(self) -> None:
         loads_blocked = self.pool.recovering > 0

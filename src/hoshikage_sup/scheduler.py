@@ -437,9 +437,11 @@ class Scheduler:
             enqueued=time.monotonic(),
             load_only=load_only,
         )
+        ahead = model.name in self._queues
         self._enqueue(p)
         self.counters["requests"] += 1
-        self._schedule()
+        if self._in_schedule or not self._arrive(p, ahead):
+            self._schedule()
         try:
             return await p.future
         except asyncio.CancelledError:
@@ -450,6 +452,29 @@ class Scheduler:
                 self.release(p.future.result())
             self._schedule()
             raise
+
+    def _arrive(self, p: Pending, ahead: bool) -> bool:
+        """An arrival that only it can be affected by, decided without a pass
+        (the pass would decide the same; the state is as the last pass left
+        it).  With nobody ahead of it for its model: a free replica that
+        serves it is its at once.  Behind others asking for the same options
+        in a queue that would only wait: it waits too, and the pass would
+        only note a load under way as its load (it carries no keep_alive to
+        set).  False when a pass is needed."""
+        slot = self.slots.get(p.model.name)
+        serves = slot is not None and not slot.draining and slot.options.serves(p.options)
+        if not ahead:
+            if not serves or (not slot.ready if p.load_only else self._pick_replica(slot) is None):
+                return False
+            self._decide(p, self.pool.recovering > 0)  # a grant
+            self._changed.set()
+            return not p.queued
+        if p.keep_alive is not None or not self._queues[p.model.name].uniform:
+            return False
+        if serves and slot.loading:
+            p.load_started = time.monotonic()
+        self._changed.set()
+        return True
 
     def release(self, lease: Lease) -> None:
         if lease.released:
