@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -178,8 +177,9 @@ class Gateway:
     def __init__(self, config: Config, scheduler: Scheduler):
         self.config = config
         self.scheduler = scheduler
-        # Each runner process's connections, gone with the process object.
-        self._connections: weakref.WeakKeyDictionary[Any, RunnerConnections] = weakref.WeakKeyDictionary()
+        # Each runner process's connections; those of runners that exited are
+        # dropped when a new runner's are made.
+        self._connections: dict[Any, RunnerConnections] = {}
         # Each model's default runner options, made once per config of it.
         self._defaults: dict[str, tuple[ModelConfig, RunnerOptions]] = {}
 
@@ -207,6 +207,8 @@ class Gateway:
         resolves with the response.  (Tests wrap it to see what is sent.)"""
         connections = self._connections.get(process)
         if connections is None:
+            for gone in [p for p in self._connections if p.returncode is not None]:
+                self._connections.pop(gone).close()
             connections = self._connections[process] = RunnerConnections(process)
         return await connections.post(path, body, headers=headers, timeout=timeout)
 

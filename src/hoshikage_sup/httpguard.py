@@ -278,14 +278,19 @@ class GuardedRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._rejected is not None:
             return  # read and dropped until the linger ends
-        if data and self._head_timer is None and self._awaiting_request():
-            self._arm_head_timer()  # first byte of a new request on a kept-alive connection
+        # First bytes of a new request on a kept-alive connection start the
+        # deadline; armed only if they do not hold the whole head already
+        # (the usual case: no timer made and cancelled for nothing).
+        starts = bool(data) and self._head_timer is None and self._awaiting_request()
         if self._head_timer is not None and len(self._head_prefix) < _HEAD_PREFIX:
             self._head_prefix += data[: _HEAD_PREFIX - len(self._head_prefix)]
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:  # a complete head (or a parse error) was delivered
             self._disarm_head_timer()
+        elif starts and self._head_timer is None and self.transport is not None and not self._force_close:
+            self._arm_head_timer()
+            self._head_prefix = data[:_HEAD_PREFIX]
 
     def _process_keepalive(self) -> None:
         # aiohttp's idle timer also fires while the head of the next request is
@@ -506,6 +511,8 @@ class _Inflater:
 
 def _content_codings(request: web.BaseRequest) -> list[str]:
     """The Content-Encoding codings in the order applied; 415 for ones we do not read."""
+    if "Content-Encoding" not in request.headers:  # the usual case
+        return []
     values = request.headers.getall("Content-Encoding", [])
     codings = [c.strip().lower() for v in values for c in v.split(",")]
     codings = [c for c in codings if c and c != "identity"]
@@ -619,6 +626,10 @@ def _reject_constant(name: str) -> Any:
     raise _Constant(name)
 
 
+# Made once: json.loads with an argument builds a decoder for every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _too_deep(max_depth: int) -> BadRequest:
     return BadRequest(f"JSON in request body is nested too deeply (more than {max_depth} levels of objects and arrays)")
 
@@ -641,7 +652,9 @@ def parse_json_object(raw: bytes, *, max_depth: int = 100) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise BadRequest(f"request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads says it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        body = _DECODER.decode(text)
     except _Constant as e:
         raise BadRequest(f"invalid JSON in request body: {e} is not a valid JSON number") from None
     except RecursionError:

@@ -90,18 +90,20 @@ SAMPLING: dict[str, Bound] = {
 def number(value: Any, name: str, bound: Bound, *, param: str | None = None) -> int | float:
     """A JSON number within `bound`; integers must be whole.  Never converts a
     huge int to float first (10^400 would overflow): it is compared as an int."""
-    what = f"invalid {name}: expected {bound.describe()}"
+    def bad(got: str) -> BadRequest:  # the message is made only for a value that is refused
+        return BadRequest(f"invalid {name}: expected {bound.describe()}, got {got}", param=param or name)
+
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"{what}, got {_show(value)}", param=param or name)
+        raise bad(_show(value))
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise BadRequest(f"{what}, got {value!r}", param=param or name)
+            raise bad(repr(value))
         if bound.integer:
             if not value.is_integer():
-                raise BadRequest(f"{what}, got {value!r}", param=param or name)
+                raise bad(repr(value))
             value = int(value)
     if not bound.lo <= value <= bound.hi:
-        raise BadRequest(f"{what}, got {_show(value)}", param=param or name)
+        raise bad(_show(value))
     return int(value) if bound.integer else float(value)
 
 
