@@ -213,24 +213,16 @@ class RunnerSpec:
         }
 
 
-class RunnerGone(aiohttp.ClientConnectorError):
-    """A request for a runner that has exited, refused before anything was sent.
+class RunnerUnreachable(aiohttp.ClientConnectorError):
+    """The runner's socket refused the connection: the runner never had the request."""
 
-    The runner's `session` is closed once the child has exited, and aiohttp
-    answers a request on a closed session with a RuntimeError.  For a caller
-    this is a refused connection (the runner never had the request, so it may
-    go to another runner), and it is reported as one: a
-    `ClientConnectorError` carrying ECONNREFUSED.
-    """
-
-    def __init__(self, socket_path: str | None) -> None:
-        os_error = ConnectionRefusedError(errno.ECONNREFUSED, "runner has exited")
+    def __init__(self, path: str | None, os_error: OSError) -> None:
         # ClientConnectorError.__init__ wants aiohttp's ConnectionKey, whose
         # fields change between releases; there was no connection to key.
         aiohttp.ClientOSError.__init__(self, os_error.errno, os_error.strerror)
         self._os_error = os_error
-        self.path = socket_path
-        self.args = (socket_path, os_error)
+        self.path = path
+        self.args = (path, os_error)
 
     @property
     def host(self) -> str:
@@ -245,7 +237,21 @@ class RunnerGone(aiohttp.ClientConnectorError):
         return False
 
     def __str__(self) -> str:
-        return f"Cannot connect to unix socket {self.path} [runner has exited]"
+        return f"Cannot connect to unix socket {self.path} [{self.strerror}]"
+
+
+class RunnerGone(RunnerUnreachable):
+    """A request for a runner that has exited, refused before anything was sent.
+
+    The runner's `session` is closed once the child has exited, and aiohttp
+    answers a request on a closed session with a RuntimeError.  For a caller
+    this is a refused connection (the runner never had the request, so it may
+    go to another runner), and it is reported as one: a
+    `ClientConnectorError` carrying ECONNREFUSED.
+    """
+
+    def __init__(self, socket_path: str | None) -> None:
+        super().__init__(socket_path, ConnectionRefusedError(errno.ECONNREFUSED, "runner has exited"))
 
 
 class RunnerLoadError(Exception):

@@ -44,7 +44,7 @@ from typing import Any
 
 import aiohttp
 
-from .process import KEEPALIVE_TIMEOUT, RunnerGone
+from .process import KEEPALIVE_TIMEOUT, RunnerGone, RunnerUnreachable
 
 # Body bytes buffered for a consumer before reading from the runner pauses.
 HIGH_WATER = 64 * 1024
@@ -52,32 +52,6 @@ HIGH_WATER = 64 * 1024
 MAX_HEAD = 64 * 1024
 # Seconds to open a connection (a Unix socket: only a full backlog makes it wait).
 CONNECT_TIMEOUT = 10.0
-
-
-class RunnerUnreachable(aiohttp.ClientConnectorError):
-    """The runner's socket refused the connection: the runner never had the request."""
-
-    def __init__(self, path: str | None, os_error: OSError) -> None:
-        # ClientConnectorError.__init__ wants aiohttp's ConnectionKey (see process.RunnerGone).
-        aiohttp.ClientOSError.__init__(self, os_error.errno, os_error.strerror)
-        self._os_error = os_error
-        self.path = path
-        self.args = (path, os_error)
-
-    @property
-    def host(self) -> str:
-        return "runner"
-
-    @property
-    def port(self) -> int | None:
-        return None
-
-    @property
-    def ssl(self) -> bool:
-        return False
-
-    def __str__(self) -> str:
-        return f"Cannot connect to unix socket {self.path} [{self.strerror}]"
 
 
 class RunnerStalled(Exception):
