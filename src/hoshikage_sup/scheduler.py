@@ -1024,19 +1024,23 @@ class Scheduler:
         """Fail `p` (and the requests that ask for the same options) when a
         runner with its options could not be planned or could not fit even
         alone; True if it did."""
+        return self._plan_or_fail(p) is None
+
+    def _plan_or_fail(self, p: Pending) -> LoadPlan | None:
+        """`_options_fail`, answering the plan it made (None: `p` failed)."""
         try:
             plan = self.planner.plan(p.model, p.options, [])
         except (OSError, ValueError, OverflowError) as e:
             self._fail_options(p.model, p.options, ModelLoadError(f"cannot plan model '{p.model.name}' with these options: {e}"))
-            return True
+            return None
         alone = self.planner.fits_alone(plan)
         if not alone.ok:
             self._fail_options(p.model, p.options, InsufficientMemory(
                 f"model '{p.model.name}' with these options does not fit even with every other model unloaded: "
                 f"{alone.reason}", needed=alone.needed, available=alone.available,
             ))
-            return True
-        return False
+            return None
+        return plan
 
     def _fail_pending(self, p: Pending, e: Exception) -> None:
         self.counters["scheduling_errors"] += 1
@@ -1112,11 +1116,15 @@ class Scheduler:
                 ))
             return True  # crash backoff: the replacement starts when it is over (see _restart)
         keep = self._live_replicas()
-        if self._options_fail(p):
+        plan = self._plan_or_fail(p)  # the same plan serves below: planning reads the GGUF and devices
+        if plan is None:
             return True
-        plan = self.planner.plan(model, options, [])
-        draining = [s for s in self.slots.values() if s.draining]
+        draining = any(s.draining for s in self.slots.values())
         count_ok = self._loaded_count() < self.max_loaded
+        if not count_ok and draining:
+            # Something is already on its way out; decide again once it is gone
+            # (memory is not asked: the answer would be the same).
+            return False
         fit = self.planner.fits(plan, keep, [])
         if count_ok and fit.ok:
             self._start_load(p, plan)
