@@ -310,6 +310,15 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _deliver_counted(self, buf: bytearray) -> bool:
+        """Deliver up to the `_left` bytes still owed by a Content-Length body or
+        a chunk; True once all of them have come."""
+        take = bytes(buf[:self._left])
+        del buf[:len(take)]
+        self._left -= len(take)
+        self._deliver(take)
+        return self._left == 0
+
     def _deliver(self, chunk: bytes) -> None:
         if not chunk or self.discard:
             return
@@ -355,11 +364,7 @@ class _Connection(asyncio.Protocol):
             elif state == "length":
                 if not buf:
                     return
-                take = bytes(buf[:self._left])
-                del buf[:len(take)]
-                self._left -= len(take)
-                self._deliver(take)
-                if self._left == 0:
+                if self._deliver_counted(buf):
                     self._end()
                     return
             elif state == "chunk-size":
@@ -382,11 +387,7 @@ class _Connection(asyncio.Protocol):
             elif state == "chunk-data":
                 if not buf:
                     return
-                take = bytes(buf[:self._left])
-                del buf[:len(take)]
-                self._left -= len(take)
-                self._deliver(take)
-                if self._left == 0:
+                if self._deliver_counted(buf):
                     self._state = "chunk-crlf"
             elif state == "chunk-crlf":
                 if len(buf) < 2:
