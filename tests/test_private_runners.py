@@ -340,6 +340,7 @@ def test_a_dead_supervisors_directory_is_swept(short_tmp) -> None:
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(str(stale / "r1.sock"))
     leftover.close()
+    (stale / "thread-budget").write_bytes(b"\0" * 4096)  # a killed supervisor's thread budget
     alive = short_tmp / f"hoshikage-{os.getppid()}-abcd1234"  # a supervisor that still runs
     alive.mkdir(mode=0o700)
     mine = create_runtime_dir(short_tmp)

@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from .logs import get_logger
+from .threads import FILE_NAME as THREAD_BUDGET_FILE
 
 log = get_logger("hoshikage.runtime")
 
@@ -180,9 +181,9 @@ def sweep_stale(parent: Path) -> None:
 def remove_runtime_dir(path: Path) -> None:
     """Remove the socket directory and whatever runner sockets are left in it.
 
-    Only sockets are removed (and the directory itself): anything else found
-    there was not put there by us, and is left (with a warning) rather than
-    deleted.
+    Only sockets and the thread budget's file (threads.py) are removed (and
+    the directory itself): anything else found there was not put there by
+    us, and is left (with a warning) rather than deleted.
     """
     try:
         entries = list(os.scandir(path))
@@ -193,7 +194,8 @@ def remove_runtime_dir(path: Path) -> None:
         return
     for entry in entries:
         with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISSOCK(mode) or (entry.name == THREAD_BUDGET_FILE and stat.S_ISREG(mode)):
                 os.unlink(entry.path)
     try:
         os.rmdir(path)

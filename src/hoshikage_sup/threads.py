@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import policy
 
-FILE_NAME = "thread-budget"
+FILE_NAME = "thread-budget"  # in the runtime directory; runtime.py sweeps a dead supervisor's
 SIZE = 4096
 _U32 = struct.Struct("<I")
 
