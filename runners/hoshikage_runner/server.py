@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from hoshikage_runner import guards, threads
 from hoshikage_runner import fastpath
 from hoshikage_runner import rpc
+from hoshikage_runner import tokens
 from hoshikage_runner.lifeline import fail
 
 # Seconds uvicorn waits for open requests after SIGTERM before it cancels them.
@@ -256,6 +257,7 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
     add_health_route(app, model.model_alias or model.model)
     guards.install(app)  # request errors before and during streams, embedding limits, grammars
     fastpath.install(app)  # plain streamed completions and chats without llama_cpp's per-token overhead
+    tokens.install(app)  # POST /hoshikage/tokens: counts for the supervisor's context_overflow policies
     return app
 
 

@@ -44,6 +44,7 @@ class ConfigError(Exception):
 
 
 STAGE_MODES = ("off", "ram")
+OVERFLOW_POLICIES = ("error", "truncate", "condense")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class ServerConfig:
     stage: str = "off"
     stage_dir: Path = Path("/dev/shm/hoshikage")
     stage_keep: float = 3600.0  # a copy is removed this long after its model's last runner is gone
+    # Chats longer than the context (overflow.py): "error" | "truncate" | "condense",
+    # and the embedding model condense clusters sentences with.
+    context_overflow: str = "error"
+    condense_model: str | None = None
     log_level: str = "info"
     # Where runners' Unix sockets live (a private 0700 directory is made in it);
     # None: $XDG_RUNTIME_DIR, else the system's temporary directory.
@@ -123,6 +128,8 @@ class ModelConfig:
     # llama.cpp RPC servers ("host:port") that hold the offloaded layers
     # (docs/scale-out.md); () = this box's own devices only.
     rpc_servers: tuple[str, ...] = ()
+    context_overflow: str | None = None  # None = [server] context_overflow
+    condense_model: str | None = None  # None = [server] condense_model
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -135,6 +142,12 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     source: Path | None = None
+
+    def overflow_policy(self, model: ModelConfig) -> str:
+        return model.context_overflow or self.server.context_overflow
+
+    def condense_model(self, model: ModelConfig) -> str | None:
+        return model.condense_model or self.server.condense_model
 
     def resolve(self, requested: str) -> ModelConfig | None:
         """Find a model by name or alias; a bare name also matches `name:latest`."""
@@ -295,7 +308,7 @@ def read_keys_file(path: Path) -> tuple[str, ...]:
 _SERVER_KEYS = {
     "host", "port", "keep_alive", "max_loaded_models", "max_queue", "load_timeout",
     "stop_timeout", "shutdown_timeout", "request_timeout", "health_interval", "health_timeout", "stall_timeout",
-    "probe_interval", "runner_pool", "stage", "stage_dir", "stage_keep",
+    "probe_interval", "runner_pool", "stage", "stage_dir", "stage_keep", "context_overflow", "condense_model",
     "log_level", "runtime_dir", "api_keys", "api_keys_file",
     "admin_keys", "header_timeout", "body_timeout", "body_deadline", "idle_timeout",
     "max_connections", "max_body_size",
@@ -304,7 +317,7 @@ _MEMORY_KEYS = {"gpu_overhead", "system_reserve", "limit", "recovery_timeout", "
 _MODEL_KEYS = {
     "path", "aliases", "n_ctx", "n_threads", "n_batch", "n_gpu_layers", "flash_attn",
     "cache_type_k", "cache_type_v", "chat_format", "embedding", "keep_alive", "pinned",
-    "preload", "parallel", "options", "max_num_ctx", "stage", "rpc_servers",
+    "preload", "parallel", "options", "max_num_ctx", "stage", "rpc_servers", "context_overflow", "condense_model",
 }
 # llama.cpp's GGML_RPC_MAX_SERVERS
 MAX_RPC_SERVERS = 16
@@ -354,6 +367,9 @@ def _parse_server(c: _Collector, t: Mapping[str, Any], base_dir: Path) -> Server
         stage=_take(c, "server.stage", t, "stage", _choice(*STAGE_MODES), d.stage),
         stage_dir=_take(c, "server.stage_dir", t, "stage_dir", _path(base_dir), d.stage_dir),
         stage_keep=_take(c, "server.stage_keep", t, "stage_keep", _timeout, d.stage_keep),
+        context_overflow=_take(c, "server.context_overflow", t, "context_overflow", _choice(*OVERFLOW_POLICIES),
+                               d.context_overflow),
+        condense_model=_take(c, "server.condense_model", t, "condense_model", _str, d.condense_model),
         request_timeout=_take(c, "server.request_timeout", t, "request_timeout", _timeout, d.request_timeout),
         log_level=_take(c, "server.log_level", t, "log_level", _choice(*_LOG_LEVELS), d.log_level),
         runtime_dir=_take(c, "server.runtime_dir", t, "runtime_dir", _path(base_dir), d.runtime_dir),
@@ -441,6 +457,9 @@ def _parse_model(c: _Collector, name: str, t: Any, base_dir: Path) -> ModelConfi
         max_num_ctx=_take(c, f"{key}.max_num_ctx", t, "max_num_ctx", _int(0), d.max_num_ctx),
         stage=_take(c, f"{key}.stage", t, "stage", _choice(*STAGE_MODES), d.stage),
         rpc_servers=_take(c, f"{key}.rpc_servers", t, "rpc_servers", _rpc_servers, d.rpc_servers),
+        context_overflow=_take(c, f"{key}.context_overflow", t, "context_overflow", _choice(*OVERFLOW_POLICIES),
+                               d.context_overflow),
+        condense_model=_take(c, f"{key}.condense_model", t, "condense_model", _str, d.condense_model),
     )
     return m
 
@@ -473,9 +492,33 @@ def parse_config(data: Mapping[str, Any], *, where: str = "<config>", base_dir: 
             else:
                 seen[n] = name
         models[name] = m
+    _check_condense(c, server, models)
     if c.problems:
         raise ConfigError(c.problems)
     return Config(server=server, memory=memory, models=models)
+
+
+def _check_condense(c: _Collector, server: ServerConfig, models: Mapping[str, ModelConfig]) -> None:
+    """condense_model names a configured embedding model; condense has one."""
+    by_name = {n: m for m in models.values() for n in m.names}
+
+    def check(key: str, name: str) -> None:
+        target = by_name.get(name)
+        if target is None:
+            c.add(key, f"model {name!r} is not configured (expected the name of a [models.NAME] table with embedding = true)")
+        elif not target.embedding:
+            c.add(key, f"model {name!r} does not serve embeddings (expected a model with embedding = true)")
+
+    if server.condense_model is not None:
+        check("server.condense_model", server.condense_model)
+    for m in models.values():
+        if m.condense_model is not None:
+            check(f"models.{m.name}.condense_model", m.condense_model)
+        if (not m.embedding and (m.context_overflow or server.context_overflow) == "condense"
+                and not (m.condense_model or server.condense_model)):
+            where = f"models.{m.name}.context_overflow" if m.context_overflow else "server.context_overflow"
+            c.add(where, f"condense needs an embedding model to cluster with (expected condense_model in "
+                         f"[models.{m.name}] or [server])")
 
 
 def load_file(path: Path) -> Config:

@@ -21,9 +21,9 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 import aiohttp
 
-from . import sse
+from . import overflow, sse
 from .config import Config, ModelConfig
-from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, UpstreamTimeout
+from .errors import BadRequest, HoshikageError, ModelNotFound, RunnerFailed, UpstreamTimeout, runner_error
 from .logs import get_logger
 from .process import describe_returncode
 from .scheduler import Lease, RunnerOptions, Scheduler
@@ -36,6 +36,7 @@ UPSTREAM_PATHS = {
     "completion": "/v1/completions",
     "embedding": "/v1/embeddings",
 }
+TOKENS_PATH = "/hoshikage/tokens"  # the runner's own token counts (runners/hoshikage_runner/tokens.py)
 
 # A request that failed before the runner answered anything (the runner died
 # between being chosen and being reached) is tried again on a fresh lease.
@@ -50,6 +51,8 @@ class InferenceRequest:
     keep_alive: float | None = None  # seconds; None leaves the session unchanged
     runner_options: Mapping[str, Any] | None = None  # e.g. {"n_ctx": 4096}
     truncate: bool = False  # embeddings: cut inputs longer than the context instead of a 400
+    # chats: "error" | "truncate" | "condense" (overflow.py); None = the model's policy
+    context_overflow: str | None = None
     # `body` already encoded, sent as it is: the API layer vouches that it is
     # `body` with `model` naming the configured model (the OpenAI layer passes
     # a client's own bytes on when checking them changed nothing).
@@ -66,6 +69,10 @@ class Upstream:
     stall_timeout: float | None = None  # seconds without a byte before the stream is given up
     on_stall: Callable[[Any, str], None] | None = None  # (replica, why): replace the wedged runner
     started: float = field(default_factory=time.monotonic)
+    # What a context_overflow policy did to the conversation (None: nothing);
+    # the API layers return it as `hoshikage.context_overflow`.
+    overflow: dict[str, Any] | None = None
+    fit_seconds: float = 0.0  # spent on the policy (counting, condensing) before the lease was asked for
 
     @property
     def status(self) -> int:
@@ -182,6 +189,7 @@ class Gateway:
         self._connections: dict[Any, RunnerConnections] = {}
         # Each model's default runner options, made once per config of it.
         self._defaults: dict[str, tuple[ModelConfig, RunnerOptions]] = {}
+        self.overflow = overflow.Tally()  # context_overflow policies that acted, for /metrics
 
     def options(self, model: ModelConfig, overrides: Mapping[str, Any] | None = None) -> RunnerOptions:
         """The runner options a request for `model` asks for (`overrides`: e.g. {"n_ctx": 4096})."""
@@ -222,9 +230,20 @@ class Gateway:
             )
         options = self.options(model, req.runner_options)
         payload = req.raw
+        report = None
+        fit_started = time.monotonic()
+        if req.kind == "chat":
+            policy = req.context_overflow or self.config.overflow_policy(model)
+            if policy != "error":
+                fitted, report = await self._fit(model, options, req, policy)
+                if report is not None:
+                    payload = json.dumps({**fitted, "model": model.name}, separators=(",", ":")).encode()
+        elif req.context_overflow not in (None, "error"):
+            raise BadRequest("context_overflow applies to chat requests (messages) only", param="context_overflow")
         if payload is None:
             body = req.body if req.body.get("model") == model.name else {**req.body, "model": model.name}
             payload = json.dumps(body, separators=(",", ":")).encode()
+        fit_seconds = time.monotonic() - fit_started
         stream = bool(req.body.get("stream"))
         timeout = self.config.server.request_timeout or None
         path = UPSTREAM_PATHS[req.kind]
@@ -276,11 +295,78 @@ class Gateway:
                 raise
             try:
                 yield Upstream(response=response, lease=lease, model=model,
-                               stall_timeout=self.config.server.stall_timeout, on_stall=self.scheduler.pool.kill_wedged)
+                               stall_timeout=self.config.server.stall_timeout, on_stall=self.scheduler.pool.kill_wedged,
+                               overflow=report, fit_seconds=fit_seconds)
             finally:
                 response.close()
                 self.scheduler.release(lease)
             return
+
+    async def _fit(self, model: ModelConfig, options: RunnerOptions, req: InferenceRequest,
+                   policy: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Apply a context_overflow policy: the body to send and what was done
+        (None when the conversation fits as it is)."""
+
+        async def count_chat(body: dict[str, Any]) -> overflow.Counted:
+            data = await self._runner_json(model, options, req.keep_alive, {**body, "stream": False})
+            return overflow.Counted(data["n_ctx"], data["prompt_tokens"], data["message_tokens"])
+
+        async def count_texts(texts: list[str]) -> list[int]:
+            data = await self._runner_json(model, options, req.keep_alive, {"texts": texts})
+            return data["text_tokens"]
+
+        embed = None
+        condense_name = self.config.condense_model(model)
+        if condense_name is not None:
+            async def embed(texts: list[str]) -> Any:
+                # Inputs longer than the condense model's context are cut, not refused.
+                ask = InferenceRequest(model=condense_name, kind="embedding", body={"input": texts}, truncate=True)
+                async with self.open(ask) as up:
+                    raw = await up.read()
+                    if up.status >= 400:
+                        raise runner_error(up.status, raw, condense_name)
+                    return overflow.vectors_of(json.loads(raw))
+
+        fitter = overflow.Fitter(model.name, count_chat, count_texts, embed)
+        started = time.monotonic()
+        outcome = await fitter.fit(req.body, policy)
+        if outcome.report is not None:
+            outcome.report["seconds"] = round(time.monotonic() - started, 3)
+            self.overflow.add(model.name, outcome.report)
+            log.info("context overflow handled", model=model.name, **outcome.report)
+        return outcome.body, outcome.report
+
+    async def _runner_json(self, model: ModelConfig, options: RunnerOptions, keep_alive: float | None,
+                           body: dict[str, Any]) -> dict[str, Any]:
+        """POST `body` to a runner of `model`'s /hoshikage/tokens and return its JSON answer."""
+        lease = await self.scheduler.acquire(model, options, keep_alive)
+        exchange: Exchange | None = None
+        try:
+            payload = json.dumps(body, separators=(",", ":")).encode()
+            exchange = await self.post_to_runner(lease.replica.process, TOKENS_PATH, payload,
+                                                 timeout=self.config.server.request_timeout or None)
+            response = await exchange.head
+            try:
+                raw = await response.read()
+            finally:
+                response.close()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if exchange is not None:
+                exchange.abort()
+            raise RunnerFailed(f"runner for model '{model.name}' could not count the conversation's tokens "
+                               f"({type(e).__name__}: {e})") from e
+        except BaseException:
+            if exchange is not None:
+                exchange.abort()
+            raise
+        finally:
+            self.scheduler.release(lease)
+        if response.status != 200:
+            raise runner_error(response.status, raw, model.name)
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise RunnerFailed(f"runner for '{model.name}' answered the token count with invalid JSON") from e
 
     def _hold_until_done(self, exchange: Exchange, lease: Lease) -> None:
         """The client left; the runner finishes the generation anyway: its

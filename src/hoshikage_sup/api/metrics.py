@@ -87,6 +87,11 @@ async def metrics(request: web.Request) -> web.Response:
                 w.sample("hoshikage_model_memory_bytes", r.measured_cpu_bytes, model=m.name, replica=r.index, kind="measured", device="cpu")
             for gpu, b in sorted((r.measured_gpu_bytes or {}).items()):
                 w.sample("hoshikage_model_memory_bytes", b, model=m.name, replica=r.index, kind="measured", device=f"gpu{gpu}")
+    tally = ctx(request).gateway.overflow.counts
+    w.family("hoshikage_context_overflow_total", "counter",
+             "Chats longer than the context that a context_overflow policy fitted, by what it applied.")
+    for (model, policy, applied), n in sorted(tally.items()):
+        w.sample("hoshikage_context_overflow_total", n, model=model, policy=policy, applied=applied)
     events = scheduler.events
     if events.counts:
         w.family("hoshikage_events_total", "counter", "Lifecycle events, by kind and reason (see /admin/events).")

@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import __version__
+from .. import __version__, overflow
 from ..durations import format_duration
 from ..errors import BadRequest, HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest
@@ -81,6 +81,7 @@ class _Call:
         self.chat = chat
         self.name = shapes.model_name(body)
         self.keep_alive = keep_alive_of(body)
+        self.context_overflow = overflow.policy_of(body.pop("context_overflow", None))
         self.stream = shapes.stream_flag(body)
         self.gateway = ctx(request).gateway
         self.model = self.gateway.resolve(self.name)
@@ -120,20 +121,28 @@ class _Call:
         body["stream"] = self.stream
         req = InferenceRequest(
             model=self.name, kind=kind, body=body, keep_alive=self.keep_alive,
-            runner_options=self.runner_options or None,
+            runner_options=self.runner_options or None, context_overflow=self.context_overflow,
         )
         t_open = time.monotonic_ns()
         async with self.gateway.open(req) as up:
             if up.status >= 400:
                 raise runner_error(up.status, await up.read(), self.model.name)
             # The lease was granted `queued` seconds after the request was
-            # queued; the runner got the request right after.
-            t_sent = t_open + shapes.ns(up.lease.queued)
+            # queued (after any context_overflow work); the runner got the
+            # request right after.
+            t_sent = t_open + shapes.ns(up.fit_seconds) + shapes.ns(up.lease.queued)
             load = shapes.ns(up.lease.load_duration)
             if not self.stream or not up.streaming:
                 data = await up.json()
-                return web.json_response(self._whole(data, kind, t_sent, load))
+                return web.json_response(self._report(self._whole(data, kind, t_sent, load), up))
             return await self._relay(up, kind, t_sent, load)
+
+    @staticmethod
+    def _report(obj: dict[str, Any], up: Any) -> dict[str, Any]:
+        """The last object, with what the context_overflow policy did to the conversation, if anything."""
+        if up.overflow is not None:
+            obj["hoshikage"] = {"context_overflow": up.overflow}
+        return obj
 
     def _whole(self, data: Any, kind: str, t_sent: int, load: int) -> dict[str, Any]:
         try:
@@ -222,7 +231,7 @@ class _Call:
             final["prompt_eval_duration"] = max(0, (first or now) - t_sent)
             final["eval_count"] = eval_count
             final["eval_duration"] = max(0, (last or now) - (first or now))
-            await write(final, last=True)
+            await write(self._report(final, up), last=True)
         except HoshikageError as e:
             if not resp.prepared:
                 raise  # nothing sent yet: answered with its own status

@@ -13,10 +13,11 @@ shape.
 from __future__ import annotations
 
 import asyncio
+import json
 
 from aiohttp import web
 
-from .. import sse, validation
+from .. import overflow, sse, validation
 from ..errors import HoshikageError, RunnerFailed, event_error, runner_error
 from ..gateway import InferenceRequest, Upstream
 from .common import StreamResponse, ctx, keep_alive_of, read_json_raw, vocab_size
@@ -42,6 +43,8 @@ async def _proxy(request: web.Request, kind: str) -> web.StreamResponse:
     truncate = validation.flag(body, "truncate") if kind == "embedding" else False
     if kind == "embedding":
         body.pop("truncate", None)
+    # Ours too: what to do with a chat longer than the context (overflow.py).
+    context_overflow = overflow.policy_of(body.pop("context_overflow", None))
     gateway = ctx(request).gateway
     model = gateway.resolve(name)
     # The vocabulary bounds token ids (logit_bias, <[id]> in a grammar); only
@@ -58,14 +61,28 @@ async def _proxy(request: web.Request, kind: str) -> web.StreamResponse:
     # bytes go to the runner as they are (no second encoding of the body).
     same = name == model.name and len(checked) == fields and checked == body
     req = InferenceRequest(model=name, kind=kind, body=checked, keep_alive=keep_alive, truncate=truncate,
-                           raw=raw if same else None)
+                           context_overflow=context_overflow, raw=raw if same else None)
     async with gateway.open(req) as up:
         if up.status >= 400:
             raise runner_error(up.status, await up.read(), model.name)
         if not stream or not up.streaming:
             payload = await up.read()
+            if up.overflow is not None:
+                payload = _with_report(payload, up.overflow)
             return web.Response(body=payload, status=up.status, content_type=up.content_type or "application/json")
         return await _relay(request, up)
+
+
+def _with_report(data: bytes, report: dict) -> bytes:
+    """A runner's JSON answer (or event) with what the context_overflow policy did."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(obj, dict):
+        return data
+    obj["hoshikage"] = {"context_overflow": report}
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
@@ -100,6 +117,9 @@ async def _relay(request: web.Request, up: Upstream) -> web.StreamResponse:
         err = sse.is_error(first[1])
         if err is not None:
             raise event_error(err, name)
+        if up.overflow is not None:  # the first event says what was done to the conversation
+            data = _with_report(first[1], up.overflow)
+            first = (b"data: " + data + b"\n\n", data)
         resp = StreamResponse(status=200, headers=SSE_HEADERS)
         await resp.prepare(request)
         try:
