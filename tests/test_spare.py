@@ -178,6 +178,28 @@ def test_spare_policy() -> None:
 # ------------------------------------------------------------------ thread budget
 
 
+def test_a_due_spare_waits_for_a_quiet_moment() -> None:
+    assert policy.spare_may_start(busy_runners=0, loads_in_progress=0, waited=0)
+    assert not policy.spare_may_start(busy_runners=1, loads_in_progress=0, waited=0)  # a first token is on its way
+    assert policy.spare_may_start(busy_runners=3, loads_in_progress=0, waited=policy.SPARE_PATIENCE)  # constant load
+    assert not policy.spare_may_start(busy_runners=0, loads_in_progress=1, waited=60)  # never during a load
+
+
+async def test_the_next_spare_starts_once_the_new_runner_has_answered(http, make_server, fake_runner_command) -> None:
+    spawner = SpareSpawner(fake_runner_command, env={"FAKE_TOKEN_DELAY": "0.1"})
+    h = await make_server({"a": {}}, server={"runner_pool": 1}, spawner=spawner)
+    pool = h.scheduler.pool
+    await until(lambda: len(pool.spares) == 1)
+    task = asyncio.ensure_future(post_json(http, f"{h.url}/v1/completions", {"model": "a", "prompt": "hi", "max_tokens": 10}))
+    await until(lambda: h.scheduler.slots.get("a") is not None and h.scheduler.slots["a"].replicas
+                and h.scheduler.slots["a"].replicas[0].inflight > 0)
+    await asyncio.sleep(0.5)  # generating: ten tokens take a second
+    assert not task.done() and len(spawner.spares) == 1, "a spare spawned while the first answer was on its way"
+    status, body, _ = await task
+    assert status == 200, body
+    await until(lambda: len(pool.spares) == 1 and len(spawner.spares) == 2)
+
+
 def test_fair_share() -> None:
     assert policy.fair_share(2, 0) == 2 and policy.fair_share(2, 1) == 2
     assert policy.fair_share(2, 2) == 1 and policy.fair_share(2, 5) == 1  # never 0

@@ -105,6 +105,20 @@ def fair_share(cpus: int, busy: int) -> int:
     return max(1, cpus // max(1, busy))
 
 
+# How long a new spare waits for a quiet moment before starting anyway.
+SPARE_PATIENCE = 10.0
+
+
+def spare_may_start(busy_runners: int, loads_in_progress: int, waited: float,
+                    patience: float = SPARE_PATIENCE) -> bool:
+    """Whether a spare that is due may spawn now.  Its imports (a third of a
+    second of CPU) wait for a moment with no runner generating and no model
+    loading: on 2 cores a spare spawned as a runner turned ready held that
+    runner's first token back by about a second.  Under constant load it
+    starts anyway after `patience` seconds, but never during a load."""
+    return loads_in_progress == 0 and (busy_runners == 0 or waited >= patience)
+
+
 def wants_spare(pool_size: int, spares: int, starting: bool, loads_in_progress: int, closed: bool) -> bool:
     """Start a spare runner process when fewer than `pool_size` wait, none is
     starting, and no model is loading right now: a spare's imports (a third

@@ -58,6 +58,7 @@ log = get_logger("hoshikage.pool")
 
 SpawnFn = Callable[[RunnerSpec, int], RunnerProcess]
 SpareFn = Callable[[], RunnerProcess]  # an unassigned RunnerProcess(None, ...) to `spawn()` as a spare
+SPARE_POLL = 0.05  # seconds between looks for a quiet moment to start a due spare in
 
 _replica_ids = itertools.count(1)
 
@@ -279,6 +280,13 @@ class RunnerPool:
     async def _start_spare(self, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
+        due = time.monotonic()
+        while not self.closed:  # a quiet moment: nothing generating, nothing loading (policy.spare_may_start)
+            loading = sum(1 for r in self.replicas if r.state == ReplicaState.LOADING)
+            busy = sum(1 for r in self.replicas if r.inflight > 0)
+            if policy.spare_may_start(busy, loading, time.monotonic() - due):
+                break
+            await asyncio.sleep(SPARE_POLL)
         if self.closed:
             return
         assert self._make_spare is not None
