@@ -1183,10 +1183,23 @@ class Scheduler:
                                session=format_duration(v.session), **numbers)
             self.counters["evictions"] += 1
             self._drain(v, "evict")
+        # Idle victims are stopping now and no longer count.  A load that fits
+        # beside their memory (which counts until they are gone) starts while
+        # they exit, instead of after: a switch saves the ~0.2 s of a
+        # runner's shutdown.  Victims with GPU memory are waited for, as is
+        # anything still serving.
+        if (not any(r.footprint_gpu() for v in victims for r in v.replicas)
+                and self._loaded_count() < self.max_loaded and self.planner.fits(plan, self._live_replicas(), []).ok):
+            self._start_load(p, plan)
+            return True
         return False
 
     def _loaded_count(self) -> int:
-        return sum(1 for s in self.slots.values() if s.live_replicas() or s.draining)
+        """Models loaded or loading, and those still serving while they drain.
+        A model whose runners are only stopping (no request left) does not
+        count: it serves nobody, and its memory counts until it is gone
+        (the planner sees those replicas until then)."""
+        return sum(1 for s in self.slots.values() if s.live_replicas() or (s.draining and s.refcount))
 
     def _live_replicas(self) -> list[Replica]:
         return [r for s in self.slots.values() for r in s.replicas if r.state != ReplicaState.GONE]
