@@ -487,3 +487,12 @@ async def test_stopping_criteria(served: str) -> None:
                    "stopping_criteria": llama_cpp.StoppingCriteriaList([criterion])}
         chunks = _same_chunks(llama, options)
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_greedy_takes_the_first_largest_logit_and_leaves_nan_to_llama_cpp() -> None:
+    import numpy as np
+
+    from hoshikage_runner.fastpath import _greedy
+
+    assert _greedy(np.array([0.5, 2.0, -1.0, 2.0], dtype=np.float32)) == 1  # llama.cpp's greedy: the first of ties
+    assert _greedy(np.array([0.5, np.nan, 3.0], dtype=np.float32)) == -1  # its sampler decides

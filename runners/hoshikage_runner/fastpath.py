@@ -532,6 +532,13 @@ def stream_completion(job: Job, llama: llama_cpp.Llama, vocab: Vocabulary, optio
 # ------------------------------------------------------------------ sampling
 
 
+def _greedy(logits: np.ndarray) -> int:
+    """llama.cpp's greedy choice (the first of the largest logits), or -1 to
+    let its sampler decide: a NaN, which its comparisons skip, is not ours to judge."""
+    token = int(logits.argmax())
+    return -1 if logits[token] != logits[token] else token
+
+
 def _f32(value: float) -> float:
     return ctypes.c_float(value).value
 
@@ -540,7 +547,12 @@ class Sampling:
     """``Llama.generate`` for one request: prefix reuse, eval, and llama_cpp's sampler chain.
 
     The repeat penalty alone is applied here (see the module docstring);
-    any other penalty stays in llama.cpp's chain.
+    any other penalty stays in llama.cpp's chain.  Greedy decoding with no
+    penalty left in the chain is the chain's greedy sampler done here: the
+    first of the largest logits, which is what it selects.  llama.cpp would
+    first copy all the vocabulary's logits into a candidate array (about
+    0.8 ms a token for the demo model's 262,144 entries on 2 CPU cores)
+    and then scan it; here the logits are scanned where they are.
     """
 
     def __init__(self, llama: llama_cpp.Llama, options: dict[str, Any]) -> None:
@@ -554,12 +566,15 @@ class Sampling:
             self.penalty = _f32(repeat)  # the float32 llama.cpp would use, as a double
             repeat = 1.0  # llama_cpp then adds llama.cpp's no-op sampler in its place
         self.last_n = last_n
+        temperature = options.get("temperature", 0.8)
+        # _init_sampler's greedy branch, with nothing else in the chain but the no-op penalty sampler
+        self.greedy = temperature == 0.0 and _f32(repeat) == 1.0 and _f32(frequency) == 0.0 and _f32(presence) == 0.0
         self.chain = llama._init_sampler(
             top_k=options.get("top_k", 40),
             top_p=options.get("top_p", 0.95),
             min_p=options.get("min_p", 0.05),
             typical_p=options.get("typical_p", 1.0),
-            temp=options.get("temperature", 0.8),
+            temp=temperature,
             repeat_penalty=repeat,
             frequency_penalty=frequency,
             presence_penalty=presence,
@@ -611,6 +626,9 @@ class Sampling:
         chain = self.chain.sampler
         sample = llama_low.llama_sampler_sample
         logits_of = llama_low.llama_get_logits_ith
+        as_array = np.ctypeslib.as_array
+        n_vocab = (llama._n_vocab,)
+        greedy = self.greedy
         penalty = self.penalty
         window: collections.deque[int] = collections.deque()
         counts: dict[int, int] = {}
@@ -624,11 +642,15 @@ class Sampling:
                 saved = [(t, logits[t]) for t in counts]
                 for t, x in saved:
                     logits[t] = x * penalty if x <= 0 else x / penalty
-                token = sample(chain, ctx, -1)
+                token = _greedy(as_array(logits, shape=n_vocab)) if greedy else -1
+                if token < 0:
+                    token = sample(chain, ctx, -1)
                 for t, x in saved:
                     logits[t] = x
             else:
-                token = sample(chain, ctx, -1)
+                token = _greedy(as_array(logits_of(ctx, -1), shape=n_vocab)) if greedy else -1
+                if token < 0:
+                    token = sample(chain, ctx, -1)
             if penalty:
                 counts[token] = counts.get(token, 0) + 1
                 if len(window) >= last_n:
