@@ -146,6 +146,12 @@ def test_condense_plan_gives_recent_turns_half():
     assert overflow.condense_plan(layout, [10] * len(messages), budget=15) is None
 
 
+def test_message_shares_add_up_to_at_least_the_prompt():
+    c = overflow.counted(512, 100, [10, 20, 30])  # the template adds 40 tokens
+    assert c.message_tokens == [24, 34, 44] and sum(c.message_tokens) >= c.prompt_tokens
+    assert overflow.counted(512, 5, [10, 20]).message_tokens == [10, 20]  # a template that drops text
+
+
 def test_policy_field_is_checked():
     assert overflow.policy_of(None) is None
     assert overflow.policy_of("truncate") == "truncate"

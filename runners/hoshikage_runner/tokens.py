@@ -9,20 +9,15 @@ and/or ``texts``, a list of strings; the answer::
 
     {"n_ctx": 2048,                 # the context the runner checks prompts against
      "prompt_tokens": 1834,         # the chat's whole prompt, exactly as a request would get it
-     "message_tokens": [12, 40],    # each message's share of it (its content, plus an even share of the template)
      "text_tokens": [7, 19]}        # each text on its own, without BOS or special tokens
 
-``prompt_tokens`` and ``message_tokens`` are null without ``messages``.  A
-message's share is an estimate for choosing what to drop; the supervisor
-checks the conversation it settles on with ``prompt_tokens`` again.  Counting
-runs in a worker thread and takes no model lock: tokenising reads only the
-vocabulary.
+``prompt_tokens`` is null without ``messages``.  Counting runs in a worker
+thread and takes no model lock: tokenising reads only the vocabulary.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import llama_cpp
@@ -43,15 +38,6 @@ class CountError(ValueError):
     """A body the count cannot use; answered 400 with this message."""
 
 
-def _content_text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
 def _text_tokens(llama: llama_cpp.Llama, text: str) -> int:
     return len(llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
 
@@ -63,7 +49,6 @@ def count(llama: llama_cpp.Llama, body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n_ctx": llama._n_ctx,
         "prompt_tokens": None,
-        "message_tokens": None,
         "text_tokens": [_text_tokens(llama, t) for t in texts],
     }
     messages = body.get("messages")
@@ -79,12 +64,7 @@ def count(llama: llama_cpp.Llama, body: dict[str, Any]) -> dict[str, Any]:
         raise CountError(f"the chat template cannot format these messages: {type(e).__name__}: {e}") from None
     if options is None or not isinstance(options.get("prompt"), list):
         raise CountError("this model's chat handler does not build a token prompt; its prompts cannot be counted")
-    total = len(options["prompt"])
-    content = [_text_tokens(llama, _content_text(m.get("content"))) for m in messages]
-    template = max(0, total - sum(content))
-    share = math.ceil(template / len(messages))
-    out["prompt_tokens"] = total
-    out["message_tokens"] = [c + share for c in content]
+    out["prompt_tokens"] = len(options["prompt"])
     return out
 
 

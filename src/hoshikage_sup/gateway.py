@@ -308,8 +308,9 @@ class Gateway:
         (None when the conversation fits as it is)."""
 
         async def count_chat(body: dict[str, Any]) -> overflow.Counted:
-            data = await self._runner_json(model, options, req.keep_alive, {**body, "stream": False})
-            return overflow.Counted(data["n_ctx"], data["prompt_tokens"], data["message_tokens"])
+            texts = [overflow.content_text(m.get("content")) for m in body["messages"]]
+            data = await self._runner_json(model, options, req.keep_alive, {**body, "stream": False, "texts": texts})
+            return overflow.counted(data["n_ctx"], data["prompt_tokens"], data["text_tokens"])
 
         async def count_texts(texts: list[str]) -> list[int]:
             data = await self._runner_json(model, options, req.keep_alive, {"texts": texts})

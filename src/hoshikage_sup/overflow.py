@@ -337,8 +337,16 @@ def choose(candidates: Sequence[Piece], vectors: np.ndarray | None, costs: Seque
 @dataclass
 class Counted:
     n_ctx: int
-    prompt_tokens: int
-    message_tokens: list[int]
+    prompt_tokens: int  # the whole prompt, exactly
+    message_tokens: list[int]  # each message's share of it (an estimate, for choosing what to drop)
+
+
+def counted(n_ctx: int, prompt_tokens: int, content_tokens: Sequence[int]) -> Counted:
+    """Each message's share: its content's tokens, plus an even part of what
+    the template adds (rounded up, so shares are not short)."""
+    template = max(0, prompt_tokens - sum(content_tokens))
+    share = -(-template // max(1, len(content_tokens)))
+    return Counted(n_ctx, prompt_tokens, [c + share for c in content_tokens])
 
 
 # (body) -> counts for that chat body; (texts) -> token counts; (texts) -> vectors
@@ -518,7 +526,7 @@ def vectors_of(data: Any) -> np.ndarray:
 
 
 __all__ = [
-    "ContextOverflow", "Counted", "Fitter", "Layout", "Outcome", "POLICIES", "Piece", "Tally", "choose",
+    "ContextOverflow", "Counted", "Fitter", "content_text", "counted", "Layout", "Outcome", "POLICIES", "Piece", "Tally", "choose",
     "condense_plan", "condensed_text", "kmeans", "pieces", "policy_of", "reply_room", "representatives",
     "sentences", "truncate_keep", "turns", "vectors_of",
 ]
