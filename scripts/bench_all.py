@@ -87,6 +87,9 @@ def last_seq(client: httpx.Client, url: str) -> int:
 # ------------------------------------------------------------------ 1 + 2: stream and added latency
 
 
+SETTLE = 0.3  # seconds of quiet before each streamed measurement
+
+
 def row_stream(model: Path, rounds: int, max_tokens: int, requests: int) -> dict[str, Any]:
     binary = find_llama_server()
     sup = Supervisor("[server]\nkeep_alive = -1\nrunner_pool = 0\n" + model_table("demo", model))
@@ -106,8 +109,15 @@ def row_stream(model: Path, rounds: int, max_tokens: int, requests: int) -> dict
                 targets["cpp_llama_server"] = (client, cpp.url)
             for c, url in targets.values():
                 stream_rate(c, url, "demo", 16)  # warm every path once
-            for _ in range(rounds):
-                for name, (c, url) in targets.items():
+            names = list(targets)
+            for i in range(rounds):
+                # Each round starts with another server, and each measurement
+                # after a pause: a server's idle OpenMP threads spin for a
+                # while after its stream ends, and in a fixed order the same
+                # server would always run on the heels of the same other one.
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    time.sleep(SETTLE)
+                    c, url = targets[name]
                     series[name].append(stream_rate(c, url, "demo", max_tokens)[0])
             lat_via, lat_dir = [], []
             for _ in range(requests):
@@ -593,18 +603,20 @@ def table(results: dict[str, Any]) -> str:
         _fmt(g.get("ratio_gguf_py_to_ours"), "x faster"), "", "")
     for label, key in (("non-streamed", "non_streamed"), ("streamed", "streamed")):
         p = _get(r, "proxy", key) or {}
+        # The target is for plain requests; a streamed one is shown beside it.
+        target = key == "non_streamed"
         add("7", f"proxy req/s, 64 clients, instant fake runner ({label}); CPU ms/request",
-            f"{_fmt(p.get('requests_per_s'))}; {_fmt(p.get('supervisor_cpu_ms_per_request'))}", "", "",
-            "≥ 2000/s", _met(p.get("requests_per_s"), lambda v: v >= 2000))
+            f"{_fmt(p.get('rps'))}; {_fmt(p.get('supervisor_cpu_ms_per_request'))}", "", "",
+            "≥ 2000/s" if target else "", _met(p.get("rps"), lambda v: v >= 2000) if target else "")
         add("7", f"asyncio slow-callback warnings during the {label} run", _fmt(p.get("slow_callbacks")), "", "",
             "0", _met(p.get("slow_callbacks"), lambda v: v == 0))
     m = r.get("rss", {})
     add("8", "supervisor RSS MiB: idle / three runners loaded",
         f"{_fmt(m.get('supervisor_idle_mib'))} / {_fmt(m.get('supervisor_three_loaded_mib'))}", "", "", "", "")
     sc = r.get("scale", {})
-    add("9", "200 models, 5,000 requests, 4 loaded: completed / failed; ms per scheduling decision (p50/p99)",
-        f"{_fmt(sc.get('completed'))} / {_fmt(sc.get('failed'))}; "
-        f"{_fmt(sc.get('decision_ms_p50'))} / {_fmt(sc.get('decision_ms_p99'))}", "", "",
+    add("9", "200 models, 5,000 requests, 4 loaded: completed / failed; µs per decision; pass µs p50 / p99",
+        f"{_fmt(sc.get('completed'))} / {_fmt(sc.get('failed'))}; {_fmt(sc.get('us_per_decision'))}; "
+        f"{_fmt(sc.get('pass_median_us'))} / {_fmt(sc.get('pass_p99_us'))}", "", "",
         "all, no deadlock", _met(sc.get("failed"), lambda v: v == 0))
     pa = r.get("parallel", {})
     add("10", "two runners at once ÷ one alone, tokens/s (fair share; baseline: each on all cores)",
@@ -651,7 +663,7 @@ def add_all(sub: Any) -> None:
 
     p = sub.add_parser("all", help="every speed figure next to its baseline (docs/benchmarks.md)")
     p.add_argument("--model", type=Path, default=Path(os.environ.get("HOSHIKAGE_DEMO_MODEL") or DEFAULT_MODEL))
-    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds per comparison (default 6)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per comparison (default 10)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per streamed completion (default 128)")
     p.add_argument("--requests", type=int, default=200, help="1-token requests per path for latency (default 200)")
     p.add_argument("--proxy-seconds", type=float, default=10.0, help="seconds per proxy capacity run (default 10)")
