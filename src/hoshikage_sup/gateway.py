@@ -231,19 +231,23 @@ class Gateway:
         options = self.options(model, req.runner_options)
         payload = req.raw
         report = None
-        fit_started = time.monotonic()
+        fit_seconds = 0.0
         if req.kind == "chat":
             policy = req.context_overflow or self.config.overflow_policy(model)
             if policy != "error":
+                started = time.monotonic()
                 fitted, report = await self._fit(model, options, req, policy)
+                fit_seconds = time.monotonic() - started
                 if report is not None:
+                    report["seconds"] = round(fit_seconds, 3)
+                    self.overflow.add(model.name, report)
+                    log.info("context overflow handled", model=model.name, **report)
                     payload = json.dumps({**fitted, "model": model.name}, separators=(",", ":")).encode()
         elif req.context_overflow not in (None, "error"):
             raise BadRequest("context_overflow applies to chat requests (messages) only", param="context_overflow")
         if payload is None:
             body = req.body if req.body.get("model") == model.name else {**req.body, "model": model.name}
             payload = json.dumps(body, separators=(",", ":")).encode()
-        fit_seconds = time.monotonic() - fit_started
         stream = bool(req.body.get("stream"))
         timeout = self.config.server.request_timeout or None
         path = UPSTREAM_PATHS[req.kind]
@@ -328,13 +332,7 @@ class Gateway:
                         raise runner_error(up.status, raw, condense_name)
                     return overflow.vectors_of(json.loads(raw))
 
-        fitter = overflow.Fitter(model.name, count_chat, count_texts, embed)
-        started = time.monotonic()
-        outcome = await fitter.fit(req.body, policy)
-        if outcome.report is not None:
-            outcome.report["seconds"] = round(time.monotonic() - started, 3)
-            self.overflow.add(model.name, outcome.report)
-            log.info("context overflow handled", model=model.name, **outcome.report)
+        outcome = await overflow.Fitter(model.name, count_chat, count_texts, embed).fit(req.body, policy)
         return outcome.body, outcome.report
 
     async def _runner_json(self, model: ModelConfig, options: RunnerOptions, keep_alive: float | None,

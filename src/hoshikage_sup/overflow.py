@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
@@ -53,6 +53,7 @@ MIN_SENTENCE = 12
 HEADER = "[Earlier conversation, condensed to representative sentences]"
 FOOTER = "[End of the condensed conversation]"
 KMEANS_ROUNDS = 50
+CONDENSE_TRIES = 8  # condensed conversations counted before falling back to truncate
 
 
 class ContextOverflow(BadRequest):
@@ -359,7 +360,6 @@ Embed = Callable[[list[str]], Awaitable[np.ndarray]]
 class Outcome:
     body: dict[str, Any]
     report: dict[str, Any] | None  # None: it fitted as it was
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Fitter:
@@ -453,16 +453,14 @@ class Fitter:
         overhead = len(HEADER) // 3 + len(FOOTER) // 3 + 8
         room = plan.summary_budget - overhead
         avg = max(1.0, sum(costs[i] for i in prose) / len(prose)) if prose else 1.0
-        k = min(len(prose), max(1, int(room / 2 / avg) * 2 if room > 0 else 0))
-        first_new = min(plan.old)
-        tried = 0
-        while tried < 8:
-            tried += 1
+        k = min(len(prose), max(1, int(room / avg)))
+        first_old = min(plan.old)
+        for _ in range(CONDENSE_TRIES):
             chosen = choose(candidates, vectors, costs, room, k)
             if not chosen:
                 return None
             text = condensed_text([candidates[i] for i in chosen])
-            new_messages = _with_condensed(messages, plan.verbatim, first_new, text)
+            new_messages = _with_condensed(messages, plan.verbatim, first_old, text)
             candidate = {**body, "messages": new_messages}
             exact = await self.count_chat(candidate)
             if exact.prompt_tokens <= budget:
