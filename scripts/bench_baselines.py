@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench_serving import free_port
+from bench_serving import free_port, stop
 
 BUILD_HINT = ("the C++ llama-server is not built: run `bash ../shared/tools/build-llama-server` "
               "(about 5 minutes once) or set LLAMA_SERVER=/path/to/llama-server")
@@ -73,13 +72,7 @@ class _Process:
                                      start_new_session=True)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop(self.proc, 20, group=True)
         self.log.close()
         self.dir.cleanup()
 

@@ -376,13 +376,9 @@ class Supervisor:
         return mine, kids
 
     def close(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from bench_serving import stop  # here: the lean runner imports this module and not that one
+
+        stop(self.proc)
         self.stdout.close()
         self.stderr.close()
         self.tmp.cleanup()

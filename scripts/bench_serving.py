@@ -66,13 +66,29 @@ class Supervisor:
         return psutil.Process(self.proc.pid).memory_info().rss
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
         self.log.close()
         self.dir.cleanup()
+
+
+def stop(proc: subprocess.Popen, grace: float = 30, *, group: bool = False) -> None:
+    """SIGTERM (to its whole process group with `group`), SIGKILL after
+    `grace` seconds; reaped either way."""
+    if proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
 
 
 def model_table(name: str, path: Path, *, n_ctx: int = 2048, threads: int = 0, extra: str = "") -> str:
