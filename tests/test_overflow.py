@@ -383,3 +383,19 @@ async def test_overflow_errors_are_clear(demo, http):
         out = await r.json()
     assert r.status == 200 and "hoshikage" not in out, out
     assert h.sent[-1]["messages"] == conversation(1)
+
+
+async def test_short_estimates_cost_few_counts_however_long_the_conversation():
+    """A template that adds far more than the shares say: each retry drops twice as many more turns."""
+    words = WordCounts(4000)
+
+    async def lying_chat(body):
+        c = await words.chat(body)
+        return Counted(c.n_ctx, c.prompt_tokens * 3, [t // 3 for t in c.message_tokens])
+
+    out = await Fitter("m", lying_chat, words.texts, None).fit({"messages": conversation(2000), "max_tokens": 100},
+                                                               "truncate")
+    assert out.report["prompt_tokens_after"] <= 3900
+    assert words.calls <= 14  # the first count, then about log2(2000) tries
+    layout = overflow.turns(conversation(20000))  # 40,002 messages: linear, not quadratic
+    assert len(layout.turns) == 20000

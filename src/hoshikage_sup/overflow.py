@@ -99,10 +99,11 @@ def turns(messages: Sequence[dict[str, Any]]) -> Layout:
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     tail_start = users[-1] if users else len(messages) - 1
     system = tuple(i for i, m in enumerate(messages) if m.get("role") == "system")
-    tail = tuple(i for i in range(tail_start, len(messages)) if i not in system)
+    pinned = set(system)  # looked up once a message: a tuple would make a long conversation quadratic
+    tail = tuple(i for i in range(tail_start, len(messages)) if i not in pinned)
     groups: list[list[int]] = []
     for i in range(tail_start):
-        if i in system:
+        if i in pinned:
             continue
         if messages[i].get("role") == "user" or not groups:
             groups.append([i])
@@ -413,7 +414,7 @@ class Fitter:
         messages = body["messages"]
         tokens = counted.message_tokens
         pinned = _sum(tokens, layout.system) + _sum(tokens, layout.tail)
-        drop = 0
+        drop, extra = 0, 1
         while True:
             keep = truncate_keep(layout, tokens, budget, drop_at_least=drop)
             if keep is None:
@@ -424,11 +425,12 @@ class Fitter:
                 report.update(prompt_tokens_after=exact.prompt_tokens, messages_after=len(keep),
                               turns_dropped=dropped_turns(layout, keep))
                 return Outcome(candidate, report)
-            # The estimates were short: drop one more turn than this time.
+            # The estimates were short: drop more turns than this time, twice
+            # as many more each try (a few counts, however long the conversation).
             dropped = dropped_turns(layout, keep)
             if dropped >= len(layout.turns):
                 raise self._too_long(counted, budget, exact.prompt_tokens)
-            drop = dropped + 1
+            drop, extra = min(len(layout.turns), dropped + extra), extra * 2
 
     async def _condense(self, body: dict[str, Any], counted: Counted, layout: Layout, budget: int,
                         report: dict[str, Any]) -> Outcome | None:
