@@ -224,25 +224,27 @@ async def test_a_slow_reader_pauses_the_runner(peer):
     response.close()
 
 
+async def _first_chunk_then_silence(conns, peer, pause: float, stall: float):
+    """A response whose runner sends chunk "a", stays silent for `pause`, then sends "b";
+    watched for `stall` seconds of silence, with "a" already read."""
+    peer.answers = [[chunked(b"a", b"b")[:-13], b"PAUSE", chunked(b"a", b"b")[-13:]]]
+    peer.pause = pause
+    ex = await conns.post("/v1/completions", b"{}")
+    response = await ex.head
+    response.watch_stall(stall)
+    assert await response.readany() == b"a"
+    return response
+
+
 async def test_only_waiting_on_a_silent_runner_is_a_stall(peer):
     conns = RunnerConnections(FakeProcess(peer.path))
     # Silent for 0.3 s between two chunks, while the reader is busy elsewhere for 0.6 s: no stall.
-    peer.answers = [[chunked(b"a", b"b")[:-13], b"PAUSE", chunked(b"a", b"b")[-13:]]]
-    peer.pause = 0.3
-    ex = await conns.post("/v1/completions", b"{}")
-    response = await ex.head
-    response.watch_stall(0.45)
-    assert await response.readany() == b"a"
+    response = await _first_chunk_then_silence(conns, peer, pause=0.3, stall=0.45)
     await asyncio.sleep(0.6)
     assert await response.read() == b"b"
     response.close()
     # Silent for longer than the stall timeout while the reader waits: a stall.
-    peer.answers = [[chunked(b"a", b"b")[:-13], b"PAUSE", chunked(b"a", b"b")[-13:]]]
-    peer.pause = 2.0
-    ex = await conns.post("/v1/completions", b"{}")
-    response = await ex.head
-    response.watch_stall(0.3)
-    assert await response.readany() == b"a"
+    response = await _first_chunk_then_silence(conns, peer, pause=2.0, stall=0.3)
     with pytest.raises(RunnerStalled):
         await response.readany()
     response.close()
