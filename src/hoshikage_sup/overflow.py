@@ -38,12 +38,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
+from .config import OVERFLOW_POLICIES as POLICIES  # the config file's values are the request field's
 from .errors import BadRequest
-from .logs import get_logger
 
-log = get_logger("hoshikage.overflow")
-
-POLICIES = ("error", "truncate", "condense")
 # Older history considered for condensing, newest first: more sentences than
 # this are dropped before embedding (a bound on the work a request can cause;
 # the demo model embeds about 10 sentences a second on 2 CPU cores).
