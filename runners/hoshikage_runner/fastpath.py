@@ -637,20 +637,18 @@ class Sampling:
         llama.eval(tokens)
         while True:
             ctx = llama.ctx
+            saved = None
             if penalty and counts:
                 logits = logits_of(ctx, -1)
                 saved = [(t, logits[t]) for t in counts]
                 for t, x in saved:
                     logits[t] = x * penalty if x <= 0 else x / penalty
-                token = _greedy(as_array(logits, shape=n_vocab)) if greedy else -1
-                if token < 0:
-                    token = sample(chain, ctx, -1)
+            token = _greedy(as_array(logits_of(ctx, -1), shape=n_vocab)) if greedy else -1
+            if token < 0:
+                token = sample(chain, ctx, -1)
+            if saved:
                 for t, x in saved:
                     logits[t] = x
-            else:
-                token = _greedy(as_array(logits_of(ctx, -1), shape=n_vocab)) if greedy else -1
-                if token < 0:
-                    token = sample(chain, ctx, -1)
             if penalty:
                 counts[token] = counts.get(token, 0) + 1
                 if len(window) >= last_n:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, ModelConfig
 from .devices import DeviceSource, GpuInfo
@@ -27,6 +27,15 @@ log = get_logger("hoshikage.memory")
 
 QUANTIZED = ("q8_0", "q4_0")
 POOLING_MEAN = 1  # llama.cpp's LLAMA_POOLING_TYPE_MEAN
+
+
+def _flash_attn(options: Any) -> bool:
+    """flash_attn "auto" is on, as llama.cpp's own "auto" is wherever the
+    backend has it (the CPU and CUDA both do).  On a GPU it saves memory and
+    is what quantized caches need; on the CPU it generates faster (the demo
+    model on 2 cores: 49.9 vs 46.7 tokens/s, 1.08x, paired runs in one
+    process)."""
+    return True if options.flash_attn == "auto" else bool(options.flash_attn)
 
 
 class MemoryPlanner:
@@ -73,12 +82,7 @@ class MemoryPlanner:
         if model.rpc_servers:
             return self._plan_rpc(model, options, info, n_ctx)
         gpus = self._gpus_after(released)
-        # flash_attn "auto": on, as llama.cpp's own "auto" is wherever the
-        # backend has it (the CPU and CUDA both do).  On a GPU it saves memory
-        # and is what quantized caches need; on the CPU it generates faster
-        # (the demo model on 2 cores: 49.9 vs 46.7 tokens/s, 1.08x, paired
-        # runs in one process).
-        flash = True if options.flash_attn == "auto" else bool(options.flash_attn)
+        flash = _flash_attn(options)
         ctk, ctv = self._cache_types(model, options, flash)
         placement = place(
             info,
@@ -127,7 +131,7 @@ class MemoryPlanner:
         from .scheduler import LoadPlan
 
         hosts = list(model.rpc_servers)
-        flash = True if options.flash_attn == "auto" else bool(options.flash_attn)
+        flash = _flash_attn(options)
         ctk, ctv = self._cache_types(model, options, flash)
         layers = -1 if options.n_gpu_layers == "auto" else int(options.n_gpu_layers)
         share = [1.0 / len(hosts)] * len(hosts)

@@ -272,19 +272,20 @@ class RunnerPool:
         """Start a spare in the background if `policy.wants_spare` says so."""
         if self._make_spare is None:
             return
-        loading = sum(1 for r in self.replicas if r.state == ReplicaState.LOADING)
         starting = self._spare_task is not None and not self._spare_task.done()
-        if policy.wants_spare(self.config.server.runner_pool, len(self.spares), starting, loading, self.closed):
+        if policy.wants_spare(self.config.server.runner_pool, len(self.spares), starting, self._loading(), self.closed):
             self._spare_task = asyncio.ensure_future(self._start_spare(delay))
+
+    def _loading(self) -> int:
+        return sum(1 for r in self.replicas if r.state == ReplicaState.LOADING)
 
     async def _start_spare(self, delay: float) -> None:
         if delay:
             await asyncio.sleep(delay)
         due = time.monotonic()
         while not self.closed:  # a quiet moment: nothing generating, nothing loading (policy.spare_may_start)
-            loading = sum(1 for r in self.replicas if r.state == ReplicaState.LOADING)
             busy = sum(1 for r in self.replicas if r.inflight > 0)
-            if policy.spare_may_start(busy, loading, time.monotonic() - due):
+            if policy.spare_may_start(busy, self._loading(), time.monotonic() - due):
                 break
             await asyncio.sleep(SPARE_POLL)
         if self.closed:
