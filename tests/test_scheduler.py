@@ -519,14 +519,15 @@ async def test_serving_runner_is_drained_not_stopped(make_server, http):
 
 async def test_an_idle_victim_exits_while_the_next_model_loads(make_server, http):
     # a takes its whole stop_timeout to exit (it ignores SIGTERM); b does not wait for that.
-    h = await make_server({"a": {}, "b": {}}, server={"max_loaded_models": 1, "stop_timeout": 3},
+    # (6 s of it: b's load and answer stay well inside that on a busy machine.)
+    h = await make_server({"a": {}, "b": {}}, server={"max_loaded_models": 1, "stop_timeout": 6},
                           model_env={"a": {"FAKE_IGNORE_SIGTERM": "1"}})
     sched = h.scheduler
     await chat(http, h.url, "a")
     [a_pid] = ready_pids(sched, "a")
     t0 = time.monotonic()
     await chat(http, h.url, "b")
-    assert time.monotonic() - t0 < 2.5, "b waited for a's exit"
+    assert time.monotonic() - t0 < 5, "b waited for a's exit"
     assert not pid_gone(a_pid)  # a is still on its way out
     assert loaded(sched) == {"b"}
     await wait_until(lambda: pid_gone(a_pid), what="a to exit")
