@@ -530,9 +530,12 @@ async def test_an_idle_victim_exits_while_the_next_model_loads(make_server, http
     assert time.monotonic() - t0 < 5, "b waited for a's exit"
     assert not pid_gone(a_pid)  # a is still on its way out
     assert loaded(sched) == {"b"}
-    await wait_until(lambda: pid_gone(a_pid), what="a to exit")
-    order = [(e.kind, e.model) for e in sched.events.recent() if e.kind in ("loading", "stopped")]
-    assert order.index(("loading", "b")) < order.index(("stopped", "a"))
+    def order():
+        return [(e.kind, e.model) for e in sched.events.recent() if e.kind in ("loading", "stopped")]
+    # the pid goes before the reaper records the exit: wait for the event itself
+    await wait_until(lambda: ("stopped", "a") in order(), what="a's stopped event")
+    assert pid_gone(a_pid)
+    assert order().index(("loading", "b")) < order().index(("stopped", "a"))
     assert sched._loaded_count() == 1
 
 
