@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -294,3 +295,36 @@ async def test_real_spare_serves_a_cold_request(http, make_server) -> None:
     replica = h.scheduler.slots["gemma"].replicas[0]
     assert replica.process is spare and replica.process.thread_budget == str(pool.budget.path)
     await until(lambda: len(pool.spares) == 1, timeout=30)  # the next spare, once the load is over
+
+
+@pytest.mark.model
+async def test_an_assigned_spare_imports_nothing_more(demo_model: Path) -> None:
+    # Every module the runner needs to load and to serve is imported while it
+    # waits as a spare: after "load this model" comes the load and nothing else.
+    # (`python -X importtime` prints one line per module it imports.)
+    lines: list[str] = []
+    runner = RunnerProcess(None, command=[sys.executable, "-X", "importtime", "-m", "hoshikage_runner"],
+                           output=lambda replica, pid, text, error: lines.append(text))
+    await runner.spawn()
+    try:
+        await until(lambda: any(line.endswith("| hoshikage_runner.server") for line in lines), timeout=60)
+        quiet = -1
+        while quiet != len(lines):  # and then whatever warm_up imports
+            quiet = len(lines)
+            await asyncio.sleep(1.0)
+        lines.clear()
+        spec = RunnerSpec(model_name="demo", model_path=str(demo_model), n_ctx=256, n_threads=1, chat_format="gemma")
+        runner.assign(spec, output=lambda replica, pid, text, error: lines.append(text))
+        await runner.start(load_timeout=60)
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        for path, body in [("/v1/completions", {"prompt": "Once", "max_tokens": 2, "stream": True}),
+                           ("/v1/chat/completions", {**chat, "stream": True}),
+                           ("/v1/completions", {"prompt": "Once", "max_tokens": 2}),
+                           ("/v1/chat/completions", chat)]:
+            async with runner.session.post(runner.base_url + path, json=body) as response:
+                assert response.status == 200, await response.text()
+                await response.read()
+        imported = [line for line in lines if line.startswith("import time:")]
+        assert not imported, imported
+    finally:
+        await runner.stop(grace=5)

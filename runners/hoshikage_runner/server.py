@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import os
 import signal
@@ -284,6 +285,40 @@ def _swallow_signal(signum: int, frame: object) -> None:
     """Placeholder handler: the shutdown it asks for has already happened."""
 
 
+def _uvicorn_config(app: ASGIApp) -> uvicorn.Config:
+    """How a runner serves: no websockets, no lifespan, no per-request log lines."""
+    return uvicorn.Config(
+        app,
+        interface="asgi3",
+        ws="none",  # nothing a runner serves is a websocket (and wsproto takes 14 ms to import)
+        access_log=False,  # one line per request (and per health probe) is noise in the supervisor's log
+        log_level="info",
+        lifespan="off",
+        proxy_headers=False,  # the only client is the supervisor, over a Unix socket
+        timeout_keep_alive=KEEP_ALIVE,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+    )
+
+
+def warm_up() -> None:
+    """Import now what serving the first request would import later.
+
+    A spare calls this before it waits for its settings, so that the time
+    between "load this model" and its first token is the model's load and
+    decode only.  ``python -X importtime`` put these at about 40 ms of that
+    time: uvicorn's protocol classes (``Config.load``), the regular
+    expressions ``inspect`` compiles on first use, anyio's asyncio backend
+    (Starlette's thread pool and task groups), the thread pool behind
+    ``run_in_executor`` and numpy's ctypes bridge (llama_cpp reads the
+    logits through it).  tests/test_spare.py checks that nothing is left.
+    """
+    _uvicorn_config(RequireSecret(FastAPI(), secret="-" * 16)).load()
+    inspect.getsourcelines(warm_up)  # FastAPI reads each endpoint's source line on its first call
+    import anyio._backends._asyncio  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+    import numpy.ctypeslib  # noqa: F401
+
+
 def serve(app: ASGIApp, sock: socket.socket) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn handles both and shuts down gracefully).
 
@@ -295,17 +330,7 @@ def serve(app: ASGIApp, sock: socket.socket) -> None:
     """
     signal.signal(signal.SIGTERM, _swallow_signal)
     signal.signal(signal.SIGINT, _swallow_signal)
-    config = uvicorn.Config(
-        app,
-        interface="asgi3",
-        access_log=False,  # one line per request (and per health probe) is noise in the supervisor's log
-        log_level="info",
-        lifespan="off",
-        proxy_headers=False,  # the only client is the supervisor, over a Unix socket
-        timeout_keep_alive=KEEP_ALIVE,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(_uvicorn_config(app))
     asyncio.run(server.serve(sockets=[sock]))
 
 
@@ -321,4 +346,4 @@ def run(settings: dict[str, Any]) -> int:
     os._exit(0)
 
 
-__all__ = ["RequireSecret", "build_app", "model_settings", "run", "serve", "server_settings"]
+__all__ = ["RequireSecret", "build_app", "model_settings", "run", "serve", "server_settings", "warm_up"]
