@@ -5,7 +5,8 @@ The supervisor runs ``python -m hoshikage_runner`` and talks to it like this:
 1. The runner ties its life to the supervisor's (parent-death signal and a
    thread that exits the process when stdin reaches EOF), see `lifeline`.
 2. It imports llama_cpp and its server stack, the slow part that does not
-   depend on the model, so a spare runner can be started ahead of time.
+   depend on the model, so a spare runner can be started ahead of time,
+   and everything serving would import later (`server.warm_up`).
 3. It reads one JSON line from stdin: llama_cpp.server ``ModelSettings``
    fields plus our own keys: ``"fd"``, a listening Unix socket the
    supervisor bound in its private 0700 directory and passed down (no race:
