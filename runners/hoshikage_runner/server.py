@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from hoshikage_runner import guards, threads
 from hoshikage_runner import fastpath
+from hoshikage_runner import llamalog
 from hoshikage_runner import rpc
 from hoshikage_runner import tokens
 from hoshikage_runner.lifeline import fail
@@ -250,6 +251,7 @@ def build_app(settings: dict[str, Any]) -> FastAPI:
     rpc.install(model)  # rpc_servers: refused on a build without RPC, else registered with llama.cpp
     threads.install(settings.get("thread_budget"))  # n_threads 0: follow the supervisor's fair share
     classify_request_errors()
+    llamalog.install()  # llama.cpp's DEBUG lines stay out of the runner's output
     try:
         app = llama_app.create_app(server_settings=server_settings(), model_settings=[model])
     except Exception as e:  # noqa: BLE001 - a load failure of any kind is reported, not raised
