@@ -911,10 +911,7 @@ def _route_in_front(app: FastAPI, path: str, wrap: Callable[[Callable[..., Any]]
 
 def install(app: FastAPI) -> None:
     """Serve plain streamed completions and chats of ``app`` (from ``create_app``, model loaded) here."""
-    proxy = llama_app._llama_proxy
-    if proxy is None:
-        raise RuntimeError("create_app has not loaded a model")
-    fast = FastPath(proxy())
+    fast = FastPath(guards.loaded_llama())
     _route_in_front(app, COMPLETIONS, fast.completion)
     _route_in_front(app, CHAT, fast.chat)
 

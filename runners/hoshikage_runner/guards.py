@@ -468,6 +468,14 @@ def _install_error_handling(n_ctx: int) -> None:
     handler.error_message_wrapper = error_message_wrapper  # type: ignore[method-assign]
 
 
+def loaded_llama() -> llama_cpp.Llama:
+    """The ``Llama`` that ``create_app`` has loaded (a runner serves exactly one model)."""
+    proxy = llama_app._llama_proxy
+    if proxy is None:
+        raise RuntimeError("create_app has not loaded a model")
+    return proxy()
+
+
 def install(app: FastAPI) -> None:
     """Install every guard on ``app``, an app from ``create_app`` whose model is loaded.
 
@@ -476,10 +484,7 @@ def install(app: FastAPI) -> None:
     to the process; installing again (a second app in one process) re-fits
     the context of the model now loaded and keeps the other patches.
     """
-    proxy = llama_app._llama_proxy  # set by create_app; a runner serves exactly one model
-    if proxy is None:
-        raise RuntimeError("create_app has not loaded a model")
-    llama = proxy()
+    llama = loaded_llama()
     n_ctx = fit_context(llama)
     guard_embeddings(llama, n_ctx)
     _install_error_handling(n_ctx)
@@ -489,4 +494,4 @@ def install(app: FastAPI) -> None:
     app.add_middleware(RequestGuard)
 
 
-__all__ = ["RequestGuard", "RequestRejected", "install", "truncate_allowed"]
+__all__ = ["RequestGuard", "RequestRejected", "install", "loaded_llama", "truncate_allowed"]

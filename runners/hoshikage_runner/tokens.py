@@ -21,11 +21,11 @@ import json
 from typing import Any
 
 import llama_cpp
-import llama_cpp.server.app as llama_app
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from hoshikage_runner import guards
 from hoshikage_runner.fastpath import chat_completion_options
 
 PATH = "/hoshikage/tokens"
@@ -70,10 +70,7 @@ def count(llama: llama_cpp.Llama, body: dict[str, Any]) -> dict[str, Any]:
 
 def install(app: FastAPI) -> None:
     """Serve ``POST /hoshikage/tokens`` for the model ``app`` (from ``create_app``) has loaded."""
-    proxy = llama_app._llama_proxy
-    if proxy is None:
-        raise RuntimeError("create_app has not loaded a model")
-    llama = proxy()
+    llama = guards.loaded_llama()
 
     async def tokens(request: Request) -> Response:
         try:

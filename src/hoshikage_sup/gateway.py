@@ -349,14 +349,12 @@ class Gateway:
                 raw = await response.read()
             finally:
                 response.close()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except BaseException as e:
             if exchange is not None:
                 exchange.abort()
-            raise RunnerFailed(f"runner for model '{model.name}' could not count the conversation's tokens "
-                               f"({type(e).__name__}: {e})") from e
-        except BaseException:
-            if exchange is not None:
-                exchange.abort()
+            if isinstance(e, (aiohttp.ClientError, asyncio.TimeoutError)):
+                raise RunnerFailed(f"runner for model '{model.name}' could not count the conversation's tokens "
+                                   f"({type(e).__name__}: {e})") from e
             raise
         finally:
             self.scheduler.release(lease)
